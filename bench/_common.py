@@ -1,0 +1,59 @@
+"""What every benchmark shares: the H100 floor, do_bench quantiles, pytest-benchmark wiring.
+
+Each benchmark times the same callable twice: `triton.testing.do_bench` (CUDA-event medians,
+p20/p80, recorded in extra_info) and pytest-benchmark's own rounds (wall clock, ending in a
+synchronize), so the table and the JSON agree on what was measured.
+"""
+from __future__ import annotations
+
+import subprocess
+
+import torch
+
+# The H100's measured ceilings (shared/anchors.md, 2026-11-25).
+H100_FP32_FLOPS = 51.6e12
+H100_BYTES_PER_S = 3.0e12
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def run(benchmark, fn, *, op: str, direction: str, provider: str, shape: dict, dtype: str,
+        flops: float | None = None, nbytes: float | None = None, rounds: int = 20) -> float:
+    """Time `fn` (a GPU callable) and record it. Returns the do_bench median in ms."""
+    import triton
+    import triton.testing
+
+    fn()  # compile, autotune
+    torch.cuda.synchronize()
+    p50, p20, p80 = triton.testing.do_bench(fn, warmup=50, rep=300, quantiles=[0.5, 0.2, 0.8])
+    shape_str = "-".join(f"{k}{v}" for k, v in shape.items())
+    benchmark.group = f"{op}-{direction}-{shape_str}"
+    seconds = p50 * 1e-3
+    info = dict(op=op, direction=direction, provider=provider, shape=shape, dtype=dtype,
+                gpu_name=torch.cuda.get_device_name(), torch=torch.__version__,
+                triton=triton.__version__, git_sha=git_sha(),
+                ms_p20=p20, ms_p50=p50, ms_p80=p80)
+    floor_s = 0.0
+    if flops is not None:
+        info["gflops"] = flops / seconds / 1e9
+        floor_s = max(floor_s, flops / H100_FP32_FLOPS)
+    if nbytes is not None:
+        info["gbps"] = nbytes / seconds / 1e9
+        floor_s = max(floor_s, nbytes / H100_BYTES_PER_S)
+    if floor_s:
+        info["floor_ms"] = floor_s * 1e3
+        info["fraction_of_floor"] = floor_s / seconds
+    benchmark.extra_info.update(info)
+
+    def timed():
+        fn()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(timed, rounds=rounds, warmup_rounds=2, iterations=1)
+    return p50

@@ -1,0 +1,90 @@
+"""Helpers shared by every op: backend dispatch, input checks, autotune configs, NVTX ranges.
+
+Nothing here queries CUDA at import time, so the package imports on a machine without a GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference")
+
+_warned: set[str] = set()
+
+
+def interpreting() -> bool:
+    """True when Triton runs its interpreter (TRITON_INTERPRET=1, set before import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_can_run(device: torch.device) -> bool:
+    """Triton runs on CUDA tensors, and on CPU tensors under the interpreter."""
+    return device.type == "cuda" or (device.type == "cpu" and interpreting())
+
+
+def warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def same_device(op: str, **tensors: torch.Tensor) -> torch.device:
+    """The one device of all tensors, or a ValueError naming them."""
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"{op}: all tensors must be on the same device, got {listing}")
+    return next(iter(devices.values()))
+
+
+def choose_backend(op: str, backend: str, device: torch.device) -> str:
+    """Resolve backend="auto" | "triton" | "reference" to the path that will run.
+
+    auto: Triton on CUDA (or CPU under TRITON_INTERPRET=1), else the reference, with one warning.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return "reference"
+    if triton_can_run(device):
+        return "triton"
+    if backend == "triton":
+        raise ValueError(
+            f"{op}: backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors), "
+            f"got a tensor on {device}"
+        )
+    warn_once(
+        f"reference:{op}:{device.type}",
+        f"{op}: no GPU for {device} tensors, running the plain-PyTorch reference path "
+        f"(set TRITON_INTERPRET=1 before importing kernels to run the Triton code on CPU)",
+    )
+    return "reference"
+
+
+def require_complex(op: str, **tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+        if not t.is_complex():
+            raise ValueError(f"{op}: {name} must be complex (complex64 or complex128), got {t.dtype}")
+
+
+def configs(all_configs: list) -> list:
+    """Autotune configs: the first only under the interpreter (several configs need a driver)."""
+    return all_configs[:1] if interpreting() else all_configs
+
+
+try:  # optional: the ranges cost ~nothing without a profiler attached, and nothing without nvtx
+    import nvtx as _nvtx
+except Exception:  # pragma: no cover - depends on the environment
+    _nvtx = None
+
+
+def nvtx_range(name: str):
+    """An NVTX range for nsys, a no-op without the nvtx package or while torch.compile traces."""
+    if _nvtx is None or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return _nvtx.annotate(name, domain="sashimi")

@@ -1,0 +1,117 @@
+"""Plain-PyTorch oracles of every op: clear rather than fast, differentiable by autograd.
+
+They are the reference path (the CPU fallback of `sashimi/`), the oracle of the tests and the
+baseline of the benchmarks. Each takes the arguments of the public op (minus `backend`) plus
+`compute_dtype`: tests pass complex128 / float64 to get a high-precision answer.
+
+Conjugate-pair convention (the S4 one): a state of size 2N with conjugate pairs stores one of
+each pair, so v, w, x, C, ... have N entries and sums over the full state are written
+`f(v) + f(conj(v))` or `2 Re(...)`. Gradients follow PyTorch's complex convention
+(grad = dL/dRe + i dL/dIm), which autograd gives for these functions directly.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t if dtype is None else t.to(dtype)
+
+
+def cauchy(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor,
+           compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """out[..., l] = sum_n v[..., n] / (z[l] - w[..., n]) + conj(v[..., n]) / (z[l] - conj(w[..., n])).
+
+    v, w: complex (..., N), broadcast against each other; z: complex (L,). Returns (..., L).
+    Materialises (..., N, L): fine for an oracle, not for a 8-second clip.
+    """
+    v, z, w = (_cast(t, compute_dtype) for t in (v, z, w))
+    v, w = v.unsqueeze(-1), w.unsqueeze(-1)
+    return (v / (z - w) + v.conj() / (z - w.conj())).sum(dim=-2)
+
+
+def vandermonde(v: torch.Tensor, x: torch.Tensor, L: int,
+                compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """out[..., l] = 2 Re(sum_n v[..., n] exp(x[..., n] l)), l = 0..L-1 (S4D log-Vandermonde).
+
+    v, x: complex (..., N), broadcast against each other. Returns real (..., L).
+    """
+    v, x = _cast(v, compute_dtype), _cast(x, compute_dtype)
+    ell = torch.arange(L, device=x.device, dtype=x.real.dtype)
+    powers = torch.exp(x.unsqueeze(-1) * ell)  # (..., N, L)
+    return 2 * (v.unsqueeze(-1) * powers).sum(dim=-2).real
+
+
+def check_tokens(tokens: torch.Tensor, num_embeddings: int, op: str = "embed_interleave") -> None:
+    """Raise a clear ValueError for a token outside [0, V) (one host sync)."""
+    if tokens.numel() == 0:
+        return
+    lo, hi = torch.aminmax(tokens)
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= num_embeddings:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{op}: token {bad} is outside [0, {num_embeddings}) "
+                         f"(tokens range over [{lo}, {hi}])")
+
+
+def embed_interleave(tokens: torch.Tensor, weight: torch.Tensor, scale: float = 1.0,
+                     out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """out[b, l*C + c] = scale * weight[tokens[b, l, c]]: channels interleaved L, R, L, R.
+
+    tokens: integer (B, L, C); weight: (V, D). Returns (B, L*C, D) in out_dtype (default:
+    weight.dtype). The product is formed in fp32 and rounded once, as the kernel does.
+    """
+    if tokens.dim() != 3:
+        raise ValueError(f"embed_interleave: tokens must be (B, L, C), got shape {tuple(tokens.shape)}")
+    check_tokens(tokens, weight.shape[0])
+    B, L, C = tokens.shape
+    out_dtype = weight.dtype if out_dtype is None else out_dtype
+    rows = weight[tokens.reshape(B, L * C)]  # reshape of (B, L, C) is the interleave
+    return (rows.float() * scale).to(out_dtype)
+
+
+def ssm_step(state: torch.Tensor, u: torch.Tensor, dA: torch.Tensor, dB: torch.Tensor,
+             C: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """One diagonal (S4D, ZOH) recurrent step, updating `state` in place.
+
+    state: complex (B, H, N); u: real (B, H); dA, dB, C: complex (H, N); D: real (H,).
+    state <- dA * state + dB * u;  y = 2 Re(sum_n C * state) + D * u.  Returns y: real (B, H).
+    """
+    state.mul_(dA).add_(dB * u.unsqueeze(-1))
+    return 2 * (C * state).sum(dim=-1).real + D * u
+
+
+def _pair_inner(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Q^* x over the full conjugate-paired state: 2 Re(sum_n conj(q_n) x_n).
+
+    q: (r, H, N), x: (B, H, N) -> real (B, r, H).
+    """
+    return 2 * (q.conj().unsqueeze(0) * x.unsqueeze(1)).sum(dim=-1).real
+
+
+def dplr_step(state: torch.Tensor, u: torch.Tensor, dA: torch.Tensor, dB: torch.Tensor,
+              C: torch.Tensor, D: torch.Tensor, P: torch.Tensor, Q: torch.Tensor,
+              W: torch.Tensor) -> torch.Tensor:
+    """One exact bilinear step of a DPLR state matrix A = Lambda - P Q^*, updating `state` in place.
+
+    x' = (2/dt - A)^-1 [(2/dt + A) x + 2 B u], with the inverse applied by Woodbury, so the step
+    is diagonal products plus real rank-r inner products. With E = (2/dt - Lambda)^-1 (diagonal)
+    and M = (I + Q^* E P)^-1 (real r x r per channel), setup precomputes
+
+        dA = E (2/dt + Lambda),  dB = 2 E B,  P = E P_orig,  Q = Q_orig,  W = M^T Q_orig,
+
+    and the step is
+
+        a  = Q^* x                 (real, rank r)
+        z  = dA x - P a + dB u
+        x' = z - P (W^* z)
+        y  = 2 Re(sum_n C x') + D u
+
+    state: complex (B, H, N); u: real (B, H); dA, dB, C: complex (H, N); D: real (H,);
+    P, Q, W: complex (r, H, N). Returns y: real (B, H).
+    """
+    a = _pair_inner(Q, state)                                  # (B, r, H)
+    z = dA * state - (P.unsqueeze(0) * a.unsqueeze(-1)).sum(1) + dB * u.unsqueeze(-1)
+    b = _pair_inner(W, z)                                      # (B, r, H)
+    state.copy_(z - (P.unsqueeze(0) * b.unsqueeze(-1)).sum(1))
+    return 2 * (C * state).sum(dim=-1).real + D * u

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The test command: sets up .venv if needed, then runs
+#   1. the kernel tests on the Triton code (on CPU under TRITON_INTERPRET=1 when there is no GPU),
+#   2. everything else (model, data, training, generation) on the reference paths,
+#   3. the self-test, and the benchmark suite (which skips cleanly without a GPU).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+PY=.venv/bin/python
+export PYTHONHASHSEED=0 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+
+run_pytest() {  # pytest's exit code 5 (nothing collected) is not a failure here
+  set +e; "$PY" -m pytest "$@"; rc=$?; set -e
+  if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then exit $rc; fi
+}
+
+if "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  echo "== kernel and model tests on the GPU"
+  run_pytest -q tests "$@"
+else
+  echo "== kernel tests: Triton code under the interpreter, on CPU"
+  TRITON_INTERPRET=1 run_pytest -q -m interpreter --device=cpu tests "$@"
+  echo "== model, data, training and generation tests (reference paths, CPU)"
+  run_pytest -q -m "not interpreter" --device=cpu tests "$@"
+fi
+echo "== self-test"
+TRITON_INTERPRET=${TRITON_INTERPRET:-1} "$PY" -m kernels.selftest
+echo "== benchmarks (skip without a GPU)"
+run_pytest -q bench --benchmark-only -p no:cacheprovider

@@ -1,0 +1,444 @@
+"""SaShiMi for mono and stereo audio: encoder, backbone, heads, and the recurrent step.
+
+tokens (B, L, C) --kernels.embed_interleave--> (B, L*C, D) --backbone--> head --> loss.
+Stereo is one interleaved sequence L0 R0 L1 R1 ...: the backbone is the same for C = 1 and 2,
+only its length (l_max = seq_len * C) changes. Output position i predicts interleaved token
+i + 1, so the target of position i belongs to channel (i + 1) % C; losses are reported
+overall and per channel.
+
+Every module has `forward` (convolutional, training) and `step` (recurrent, generation) with
+`default_state(batch)`; `SaShiMi.setup_step()` prepares the recurrence once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from kernels._utils import nvtx_range
+from sashimi.s4 import S4Layer
+
+LN2 = math.log(2.0)
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model and to read and write its audio."""
+    d_model: int = 64
+    n_layers: int = 8
+    pool: tuple[int, ...] = (4, 4)
+    expand: int = 2
+    ff: int = 2
+    d_state: int = 64
+    ssm: str = "dplr"
+    init: str | None = None
+    dropout: float = 0.0
+    dt_min: float = 1e-3
+    dt_max: float = 1e-1
+    bits: int = 8
+    quantization: str = "mu-law"
+    channels: int = 1
+    sample_rate: int = 16000
+    seq_len: int = 16384          # frames per training example; l_max = seq_len * channels
+    head: str = "categorical"
+    n_mixtures: int = 10
+    tie_weights: bool = False
+    kernel_backend: str = "auto"
+
+    def __post_init__(self):
+        self.pool = tuple(int(p) for p in self.pool)
+        problems = []
+        if self.ssm not in ("dplr", "diag"):
+            problems.append(f"ssm must be 'dplr' or 'diag', got {self.ssm!r}")
+        if self.head not in ("categorical", "dml"):
+            problems.append(f"head must be 'categorical' or 'dml', got {self.head!r}")
+        if self.channels not in (1, 2):
+            problems.append(f"channels must be 1 (mono) or 2 (stereo), got {self.channels}")
+        if self.bits not in (8, 16):
+            problems.append(f"bits must be 8 or 16, got {self.bits}")
+        if self.tie_weights and self.head != "categorical":
+            problems.append("weight tying needs the categorical head")
+        if self.l_max % self.pool_factor:
+            problems.append(f"seq_len x channels = {self.l_max} must be a multiple of the total pooling "
+                            f"factor {self.pool_factor} (pool={list(self.pool)})")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def l_max(self) -> int:
+        return self.seq_len * self.channels
+
+    @property
+    def pool_factor(self) -> int:
+        return math.prod(self.pool)
+
+    @property
+    def levels(self) -> int:
+        return 2 ** self.bits
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["pool"] = list(self.pool)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+PRESETS = {
+    # trains on a laptop CPU in minutes
+    "tiny": dict(d_model=32, n_layers=2, pool=(4, 4), expand=2, ff=2, d_state=16, seq_len=1024),
+    # the SaShiMi paper's model
+    "paper": dict(d_model=64, n_layers=8, pool=(4, 4), expand=2, ff=2, d_state=64, seq_len=16384),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# blocks
+# --------------------------------------------------------------------------------------------
+class FeedForward(nn.Module):
+    def __init__(self, d: int, expand: int, dropout: float = 0.0):
+        super().__init__()
+        self.lin1 = nn.Linear(d, expand * d)
+        self.lin2 = nn.Linear(expand * d, d)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x):
+        return self.lin2(self.dropout(F.gelu(self.lin1(x))))
+
+    def default_state(self, batch, device=None):
+        return None
+
+    def step(self, x, state):
+        return self.forward(x)
+
+
+class Residual(nn.Module):
+    """x + layer(LayerNorm(x)) (pre-norm)."""
+
+    def __init__(self, d: int, layer: nn.Module):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.layer = layer
+
+    def forward(self, x):
+        return x + self.layer(self.norm(x))
+
+    def default_state(self, batch, device=None):
+        return self.layer.default_state(batch, device)
+
+    def step(self, x, state):
+        return x + self.layer.step(self.norm(x), state)
+
+
+class DownPool(nn.Module):
+    """(B, L, H) -> (B, L/p, expand*H): p consecutive steps side by side, then a linear map."""
+
+    def __init__(self, d: int, expand: int, pool: int):
+        super().__init__()
+        self.pool = pool
+        self.linear = nn.Linear(d * pool, d * expand)
+
+    def forward(self, x):
+        B, L, H = x.shape
+        return self.linear(x.reshape(B, L // self.pool, self.pool * H))
+
+    def default_state(self, batch, device=None):
+        return []  # the inputs of the current block
+
+    def step(self, x, state: list):
+        """Buffers p inputs; returns the pooled output on the p-th, else None."""
+        state.append(x)
+        if len(state) < self.pool:
+            return None
+        out = self.linear(torch.cat(state, dim=-1))
+        state.clear()
+        return out
+
+
+class UpPool(nn.Module):
+    """(B, L', H) -> (B, L'*p, H/expand), shifted right by one coarse step so it stays causal."""
+
+    def __init__(self, d_in: int, expand: int, pool: int):
+        super().__init__()
+        self.pool, self.d_out = pool, d_in // expand
+        self.linear = nn.Linear(d_in, self.d_out * pool)
+
+    def forward(self, x):
+        B, Lc, _ = x.shape
+        y = self.linear(x)
+        y = F.pad(y[:, :-1], (0, 0, 1, 0))  # block m is made from coarse step m - 1
+        return y.reshape(B, Lc * self.pool, self.d_out)
+
+    def default_state(self, batch, device=None):
+        zero = torch.zeros(batch, self.d_out, device=device)
+        return [zero] * self.pool  # the outputs still to emit: block 0 is zeros
+
+    def step(self, x, state: list):
+        y = state.pop(0)
+        if not state:
+            if x is None:
+                raise RuntimeError("UpPool.step: the coarse tier did not produce its output in time")
+            state.extend(self.linear(x).reshape(x.shape[0], self.pool, self.d_out).unbind(1))
+        return y
+
+
+def _tier(d: int, cfg: ModelConfig, l_max: int) -> nn.ModuleList:
+    layers = []
+    for _ in range(cfg.n_layers):
+        layers.append(Residual(d, S4Layer(d, cfg.d_state, l_max, cfg.ssm, cfg.init, cfg.dt_min,
+                                           cfg.dt_max, cfg.dropout, cfg.kernel_backend)))
+        if cfg.ff > 0:
+            layers.append(Residual(d, FeedForward(d, cfg.ff, cfg.dropout)))
+    return nn.ModuleList(layers)
+
+
+class Backbone(nn.Module):
+    """The SaShiMi backbone: DownPools, a centre tier of S4 + FF blocks, UpPools each followed
+    by a tier of S4 + FF blocks, skip connections around every level, a final LayerNorm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        H, l_max = cfg.d_model, cfg.l_max
+        down = []
+        for p in cfg.pool:
+            down.append(DownPool(H, cfg.expand, p))
+            H, l_max = H * cfg.expand, l_max // p
+        self.down = nn.ModuleList(down)
+        self.center = _tier(H, cfg, l_max)
+        ups, up_tiers = [], []
+        for p in reversed(cfg.pool):
+            ups.append(UpPool(H, cfg.expand, p))
+            H, l_max = H // cfg.expand, l_max * p
+            up_tiers.append(_tier(H, cfg, l_max))
+        self.up = nn.ModuleList(ups)
+        self.up_tiers = nn.ModuleList(up_tiers)
+        self.norm = nn.LayerNorm(H)
+
+    def forward(self, x):
+        skips = [x]
+        for i, pool in enumerate(self.down):
+            with nvtx_range(f"sashimi/model/down{i}"):
+                x = pool(x)
+            skips.append(x)
+        with nvtx_range("sashimi/model/center"):
+            for layer in self.center:
+                x = layer(x)
+        x = x + skips.pop()
+        for j, (up, tier) in enumerate(zip(self.up, self.up_tiers)):
+            with nvtx_range(f"sashimi/model/up{j}"):
+                x = up(x) + skips.pop()
+                skip = x
+                for layer in tier:
+                    x = layer(x)
+                x = x + skip
+        return self.norm(x)
+
+    def default_state(self, batch, device=None):
+        return dict(
+            down=[p.default_state(batch, device) for p in self.down],
+            center=[layer.default_state(batch, device) for layer in self.center],
+            up=[p.default_state(batch, device) for p in self.up],
+            up_tiers=[[layer.default_state(batch, device) for layer in tier] for tier in self.up_tiers],
+        )
+
+    def step(self, x, state):
+        """One interleaved time step (B, H) -> (B, H). Coarser tiers run every p-th step."""
+        skips = [x]
+        for pool, s in zip(self.down, state["down"]):
+            x = pool.step(x, s)
+            if x is None:
+                break
+            skips.append(x)
+        n = len(self.down)
+        if x is not None:
+            for layer, s in zip(self.center, state["center"]):
+                x = layer.step(x, s)
+            x = x + skips.pop()
+            first = 0
+        else:  # tiers above len(skips) - 1 did not run: their UpPools replay buffered outputs
+            first = n - len(skips)
+        for j in range(first, n):
+            x = self.up[j].step(x, state["up"][j]) + skips.pop()
+            skip = x
+            for layer, s in zip(self.up_tiers[j], state["up_tiers"][j]):
+                x = layer.step(x, s)
+            x = x + skip
+        return self.norm(x)
+
+
+# --------------------------------------------------------------------------------------------
+# heads
+# --------------------------------------------------------------------------------------------
+class CategoricalHead(nn.Module):
+    """Logits over the 2^bits tokens."""
+
+    def __init__(self, d: int, levels: int):
+        super().__init__()
+        self.linear = nn.Linear(d, levels)
+        self.levels = levels
+
+    def forward(self, x):
+        return self.linear(x)
+
+    def log_prob(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Natural-log probability of each target token: out (..., V), target (...)."""
+        return -F.cross_entropy(out.float().flatten(0, -2), target.flatten(), reduction="none").view(target.shape)
+
+    @torch.no_grad()
+    def sample(self, out: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample tokens (B,) from logits (B, V); returns (tokens, exact log-prob under the model)."""
+        logits = out.float()
+        logp_model = torch.log_softmax(logits, -1)
+        logits = logits / max(temperature, 1e-6)
+        if top_p < 1.0:
+            probs = torch.softmax(logits, -1)
+            sorted_p, idx = probs.sort(-1, descending=True)
+            cum = sorted_p.cumsum(-1)
+            drop_sorted = cum - sorted_p > top_p          # keep the smallest prefix reaching top_p
+            drop = torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted)
+            logits = logits.masked_fill(drop, float("-inf"))
+        # Gumbel-max: no host sync, graph-capturable
+        u = torch.rand(logits.shape, device=logits.device, generator=generator).clamp_(1e-20, 1.0)
+        token = (logits - torch.log(-torch.log(u))).argmax(-1)
+        return token, logp_model.gather(-1, token[:, None]).squeeze(-1)
+
+
+class DMLHead(nn.Module):
+    """Discretised mixture of logistics over the token grid mapped to [-1, 1] (PixelCNN++)."""
+
+    def __init__(self, d: int, levels: int, n_mixtures: int = 10):
+        super().__init__()
+        self.linear = nn.Linear(d, 3 * n_mixtures)
+        self.levels, self.m = levels, n_mixtures
+
+    def forward(self, x):
+        return self.linear(x)
+
+    def _split(self, out):
+        out = out.float()
+        logit_w, mean, log_s = out.split(self.m, dim=-1)
+        return logit_w, mean, log_s.clamp(min=-7.0)
+
+    def log_prob(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logit_w, mean, log_s = self._split(out)
+        half = 1.0 / (self.levels - 1)                      # half a bin in [-1, 1]
+        x = (2.0 * target.float() / (self.levels - 1) - 1.0).unsqueeze(-1)
+        centred = x - mean
+        inv_s = torch.exp(-log_s)
+        plus, minus = inv_s * (centred + half), inv_s * (centred - half)
+        log_cdf_plus = plus - F.softplus(plus)              # log sigmoid(plus)
+        log_one_minus_cdf_min = -F.softplus(minus)          # log (1 - sigmoid(minus))
+        cdf_delta = torch.sigmoid(plus) - torch.sigmoid(minus)
+        mid = inv_s * centred
+        log_pdf_mid = mid - log_s - 2.0 * F.softplus(mid)   # log density at the bin centre
+        log_bin = torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp(min=1e-12)),
+                              log_pdf_mid + math.log(2 * half))
+        edge_lo, edge_hi = x < -0.999, x > 0.999
+        log_p = torch.where(edge_lo, log_cdf_plus, torch.where(edge_hi, log_one_minus_cdf_min, log_bin))
+        return torch.logsumexp(log_p + torch.log_softmax(logit_w, -1), dim=-1)
+
+    @torch.no_grad()
+    def sample(self, out, temperature: float = 1.0, top_p: float = 1.0, generator=None):
+        logit_w, mean, log_s = self._split(out)
+        g = torch.rand(logit_w.shape, device=out.device, generator=generator).clamp_(1e-20, 1.0)
+        k = (logit_w / max(temperature, 1e-6) - torch.log(-torch.log(g))).argmax(-1, keepdim=True)
+        mu, s = mean.gather(-1, k).squeeze(-1), torch.exp(log_s.gather(-1, k).squeeze(-1))
+        u = torch.rand(mu.shape, device=out.device, generator=generator).clamp_(1e-5, 1 - 1e-5)
+        x = (mu + s * temperature * (torch.log(u) - torch.log1p(-u))).clamp(-1.0, 1.0)
+        token = torch.round((x + 1.0) / 2.0 * (self.levels - 1)).long()
+        return token, self.log_prob(out, token)
+
+
+# --------------------------------------------------------------------------------------------
+# the model
+# --------------------------------------------------------------------------------------------
+class SaShiMi(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        V, D = cfg.levels, cfg.d_model
+        self.embedding = nn.Embedding(V, D)
+        nn.init.normal_(self.embedding.weight, std=D ** -0.5)
+        self.backbone = Backbone(cfg)
+        if cfg.head == "categorical":
+            self.head = CategoricalHead(D, V)
+            if cfg.tie_weights:
+                self.head.linear.weight = self.embedding.weight
+        else:
+            self.head = DMLHead(D, V, cfg.n_mixtures)
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, L, C) -> interleaved embeddings (B, L*C, D), one fused op for C = 1 and 2."""
+        with nvtx_range("sashimi/model/encoder"):
+            out_dtype = torch.get_autocast_dtype(tokens.device.type) if torch.is_autocast_enabled(tokens.device.type) else None
+            return kernels.embed_interleave(tokens, self.embedding.weight, out_dtype=out_dtype,
+                                            backend=self.cfg.kernel_backend)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, L, C) -> head output (B, L*C, V or 3*n_mixtures); position i predicts i + 1."""
+        if tokens.dim() != 3 or tokens.shape[-1] != self.cfg.channels:
+            raise ValueError(f"tokens must be (batch, frames, {self.cfg.channels}), got {tuple(tokens.shape)}")
+        x = self.backbone(self.encode(tokens))
+        with nvtx_range("sashimi/model/head"):
+            return self.head(x)
+
+    def nll_bits(self, batch: torch.Tensor) -> torch.Tensor:
+        """batch: tokens (B, L + 1, C). Returns the NLL of every interleaved target, in bits,
+        (B, L*C); the target of position i is interleaved token i + 1, of channel (i + 1) % C."""
+        B, L1, C = batch.shape
+        L = L1 - 1
+        out = self(batch[:, :L])
+        targets = batch.reshape(B, L1 * C)[:, 1: L * C + 1]
+        with nvtx_range("sashimi/model/loss"):
+            return -self.head.log_prob(out, targets) / LN2
+
+    @staticmethod
+    def per_channel(nll: torch.Tensor, channels: int) -> list[torch.Tensor]:
+        """Split (B, L*C) target NLLs by the target's channel: [left, right] (or [mono])."""
+        if channels == 1:
+            return [nll]
+        B, T = nll.shape
+        # position i predicts channel (i + 1) % C
+        by_target = torch.roll(nll.view(B, T // channels, channels), shifts=1, dims=2)
+        return list(by_target.unbind(2))
+
+    # -- generation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def setup_step(self) -> None:
+        for m in self.modules():
+            if isinstance(m, S4Layer):
+                m.setup_step()
+
+    def default_state(self, batch: int, device=None):
+        device = self.embedding.weight.device if device is None else device
+        return self.backbone.default_state(batch, device)
+
+    def step(self, token: torch.Tensor, state) -> torch.Tensor:
+        """One interleaved token (B,) -> head output for the next one (B, V or 3*n_mixtures)."""
+        x = F.embedding(token, self.embedding.weight)
+        return self.head(self.backbone.step(x, state))
+
+
+def build_model(cfg: ModelConfig) -> SaShiMi:
+    return SaShiMi(cfg)
+
+
+def count_parameters(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total

@@ -67,7 +67,8 @@ def embed_interleave(tokens: torch.Tensor, weight: torch.Tensor, scale: float = 
     B, L, C = tokens.shape
     out_dtype = weight.dtype if out_dtype is None else out_dtype
     rows = weight[tokens.reshape(B, L * C)]  # reshape of (B, L, C) is the interleave
-    return (rows.float() * scale).to(out_dtype)
+    compute = torch.promote_types(weight.dtype, torch.float32)  # fp32 for fp32/bf16, fp64 stays
+    return (rows.to(compute) * scale).to(out_dtype)
 
 
 def ssm_step(state: torch.Tensor, u: torch.Tensor, dA: torch.Tensor, dB: torch.Tensor,
@@ -96,9 +97,11 @@ def dplr_step(state: torch.Tensor, u: torch.Tensor, dA: torch.Tensor, dB: torch.
 
     x' = (2/dt - A)^-1 [(2/dt + A) x + 2 B u], with the inverse applied by Woodbury, so the step
     is diagonal products plus real rank-r inner products. With E = (2/dt - Lambda)^-1 (diagonal)
-    and M = (I + Q^* E P)^-1 (real r x r per channel), setup precomputes
+    and M = (I + Q^* E P)^-1 (real r x r per channel, (Q^* E P)[j, k] = 2 Re(sum_n conj(Q_j) E P_k)),
+    setup precomputes
 
-        dA = E (2/dt + Lambda),  dB = 2 E B,  P = E P_orig,  Q = Q_orig,  W = M^T Q_orig,
+        dA = E (2/dt + Lambda),  dB = 2 E B,  P = E P_orig,  Q = Q_orig,
+        W[k] = sum_j M[k, j] Q_orig[j]   (i.e. W^* = M Q^*; with Q, W stacked as (r, H, N): W = M Q),
 
     and the step is
 

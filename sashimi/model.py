@@ -345,7 +345,7 @@ class DMLHead(nn.Module):
         log_pdf_mid = mid - log_s - 2.0 * F.softplus(mid)   # log density at the bin centre
         log_bin = torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp(min=1e-12)),
                               log_pdf_mid + math.log(2 * half))
-        edge_lo, edge_hi = x < -0.999, x > 0.999
+        edge_lo, edge_hi = (target == 0).unsqueeze(-1), (target == self.levels - 1).unsqueeze(-1)
         log_p = torch.where(edge_lo, log_cdf_plus, torch.where(edge_hi, log_one_minus_cdf_min, log_bin))
         return torch.logsumexp(log_p + torch.log_softmax(logit_w, -1), dim=-1)
 

@@ -1,0 +1,172 @@
+"""The SaShiMi model: shapes, causality, the recurrence reproducing the convolution, heads,
+mixed precision, and the paper preset's size."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from sashimi.model import PRESETS, DMLHead, ModelConfig, SaShiMi, count_parameters
+
+from conftest import assert_rel_close
+
+COMBOS = [(ssm, C, head) for ssm in ("dplr", "diag") for C in (1, 2) for head in ("categorical", "dml")]
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(PRESETS["tiny"], seq_len=64, kernel_backend="reference")
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@pytest.mark.parametrize("ssm,C,head", COMBOS)
+def test_shapes(ssm, C, head):
+    torch.manual_seed(0)
+    m = SaShiMi(tiny(ssm=ssm, channels=C, head=head))
+    tokens = torch.randint(0, 256, (3, 64, C))
+    out = m(tokens)
+    assert out.shape == (3, 64 * C, 256 if head == "categorical" else 30)
+    batch = torch.randint(0, 256, (3, 65, C))
+    nll = m.nll_bits(batch)
+    assert nll.shape == (3, 64 * C) and torch.isfinite(nll).all()
+    parts = SaShiMi.per_channel(nll, C)
+    assert len(parts) == C and all(p.shape == (3, 64) for p in parts)
+
+
+@pytest.mark.parametrize("ssm,C,head", COMBOS)
+def test_causal(ssm, C, head):
+    """Changing the token at interleaved position t changes no output before t."""
+    torch.manual_seed(1)
+    m = SaShiMi(tiny(ssm=ssm, channels=C, head=head)).eval()
+    tokens = torch.randint(0, 256, (2, 64, C))
+    frame, ch = 37, C - 1
+    t = frame * C + ch
+    changed = tokens.clone()
+    changed[:, frame, ch] = (changed[:, frame, ch] + 101) % 256
+    with torch.no_grad():
+        a, b = m(tokens), m(changed)
+    scale = a.abs().max()
+    # the FFT convolution mixes rounding noise across positions; information does not flow back
+    assert (a[:, :t] - b[:, :t]).abs().max() <= 1e-5 * scale
+    assert (a[:, t] - b[:, t]).abs().max() >= 1e-3 * scale  # and the change is seen at t
+
+
+def test_per_channel_split_follows_the_target():
+    nll = torch.arange(8.0).view(1, 8)  # positions 0..7 of L R L R ...: position i predicts i + 1
+    left, right = SaShiMi.per_channel(nll, 2)
+    assert right.tolist() == [[0.0, 2.0, 4.0, 6.0]]  # even positions predict R
+    assert left.tolist() == [[1.0, 3.0, 5.0, 7.0]]
+
+
+def _step_outputs(m: SaShiMi, tokens: torch.Tensor) -> torch.Tensor:
+    B = tokens.shape[0]
+    flat = tokens.reshape(B, -1)
+    m.setup_step()
+    state = m.default_state(B)
+    with torch.no_grad():
+        return torch.stack([m.step(flat[:, i], state) for i in range(flat.shape[1])], 1)
+
+
+@pytest.mark.parametrize("ssm,C,head", COMBOS)
+def test_recurrence_reproduces_convolution(ssm, C, head):
+    """Token by token through `step`, 512 interleaved steps, equals the convolutional forward."""
+    torch.manual_seed(2)
+    frames = 512 // C
+    m = SaShiMi(tiny(ssm=ssm, channels=C, head=head, seq_len=frames)).eval()
+    tokens = torch.randint(0, 256, (2, frames, C))
+    with torch.no_grad():
+        conv = m(tokens)
+    assert_rel_close(_step_outputs(m, tokens), conv, 1e-4, "step vs forward")
+
+
+@pytest.mark.parametrize("ssm", ["dplr", "diag"])
+def test_recurrence_after_training(ssm):
+    """Also after the weights moved away from their initialisation."""
+    torch.manual_seed(3)
+    m = SaShiMi(tiny(ssm=ssm, channels=2, seq_len=128))
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    batch = torch.randint(100, 156, (4, 129, 2))
+    for _ in range(15):
+        loss = m.nll_bits(batch).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    tokens = batch[:2, :128]
+    with torch.no_grad():
+        conv = m(tokens)
+    assert_rel_close(_step_outputs(m, tokens), conv, 1e-4, "step vs forward (trained)")
+
+
+def test_paper_preset_parameter_count():
+    """5,447,680: the public SaShiMi's count at this config (Embedding(256, 64), Linear(64, 256))."""
+    m = SaShiMi(ModelConfig(**PRESETS["paper"], kernel_backend="reference"))
+    assert count_parameters(m) == 5_447_680
+    tied = SaShiMi(ModelConfig(**PRESETS["paper"], tie_weights=True, kernel_backend="reference"))
+    assert count_parameters(tied) == 5_447_680 - 256 * 64
+    assert tied.head.linear.weight is tied.embedding.weight
+
+
+def test_weight_tying_stereo():
+    m = SaShiMi(tiny(channels=2, tie_weights=True))
+    assert m.head.linear.weight is m.embedding.weight
+    m.nll_bits(torch.randint(0, 256, (1, 65, 2))).mean().backward()
+    assert m.embedding.weight.grad is not None
+
+
+def test_bf16_autocast_matches_fp32():
+    """bf16 autocast for the dense layers (the SSM stays fp32): the loss agrees to 2%."""
+    torch.manual_seed(4)
+    m = SaShiMi(tiny(channels=2))
+    batch = torch.randint(0, 256, (2, 65, 2))
+    with torch.no_grad():
+        full = m.nll_bits(batch).mean()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = m.nll_bits(batch).float().mean()
+    assert abs(half.item() - full.item()) / full.item() < 0.02
+
+
+def test_dml_log_prob_is_normalised():
+    torch.manual_seed(5)
+    for levels in (256, 2 ** 16):
+        head = DMLHead(8, levels, 4)
+        out = head(torch.randn(3, 8))
+        tokens = torch.arange(levels)
+        logp = head.log_prob(out[:, None, :].expand(3, levels, 12), tokens.expand(3, levels))
+        total = torch.logsumexp(logp, dim=-1).exp()
+        assert torch.allclose(total, torch.ones(3), atol=2e-3), total
+
+
+def test_sampling_heads():
+    torch.manual_seed(6)
+    m = SaShiMi(tiny())
+    logits = torch.randn(4, 256)
+    g = torch.Generator().manual_seed(0)
+    tok, logp = m.head.sample(logits, temperature=1.0, top_p=0.5, generator=g)
+    assert tok.shape == (4,) and ((0 <= tok) & (tok < 256)).all()
+    assert torch.allclose(logp, torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1))
+    # top_p: never a token outside the nucleus
+    probs = torch.softmax(logits, -1)
+    for i in range(4):
+        sp, idx = probs[i].sort(descending=True)
+        nucleus = set(idx[: int((sp.cumsum(0) < 0.5).sum()) + 1].tolist())
+        assert tok[i].item() in nucleus
+    # a near-zero temperature takes the argmax
+    tok0, _ = m.head.sample(logits, temperature=1e-6, generator=g)
+    assert torch.equal(tok0, logits.argmax(-1))
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="multiple"):
+        tiny(seq_len=63)
+    with pytest.raises(ValueError, match="channels"):
+        tiny(channels=3)
+    with pytest.raises(ValueError, match="tying"):
+        tiny(head="dml", tie_weights=True)
+    m = SaShiMi(tiny(channels=2))
+    with pytest.raises(ValueError, match="frames"):
+        m(torch.randint(0, 256, (1, 64, 1)))
+    cfg = tiny(channels=2)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg

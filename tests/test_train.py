@@ -1,0 +1,170 @@
+"""`python -m sashimi.train`: learning, exact resume, Ctrl-C, non-finite losses, DDP, real files,
+and clear one-line errors."""
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sashimi import checkpoint
+from sashimi.train import main as train_main
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--seq-len", "128", "--batch-size", "4", "--num-workers", "0", "--val-every", "1000"]
+
+
+def run_cli(*args, module="sashimi.train", timeout=300, env_extra=None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.pop("TRITON_INTERPRET", None)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=REPO)
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    with open(run_dir / "log.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def weights(run_dir: Path) -> dict:
+    return checkpoint.load(run_dir / "checkpoint.pt")["model"]
+
+
+def test_tiny_stereo_learns(tmp_path):
+    """A few dozen steps on the synthetic stereo music take the loss well below 8 bits."""
+    out = tmp_path / "run"
+    rc = train_main(["--stereo", "--steps", "40", "--out", str(out), *FAST, "--seq-len", "256",
+                     "--batch-size", "8", "--val-every", "40", "--device", "cpu"])
+    assert rc == 0
+    rows = read_log(out)
+    train = [float(r["train_bits"]) for r in rows if r["train_bits"]]
+    val = [r for r in rows if r["val_bits"]][-1]
+    assert train[0] > 7.5
+    assert np.mean(train[-5:]) < 6.0, train
+    assert float(val["val_bits_L"]) < 6.5 and float(val["val_bits_R"]) < 6.5
+    payload = checkpoint.load(out / "checkpoint.pt")
+    assert payload["step"] == 40 and payload["model_config"]["channels"] == 2
+
+
+def test_resume_after_ctrl_c_is_exact(tmp_path):
+    """Interrupted (a real SIGINT) and resumed ends with the weights of an uninterrupted run."""
+    args = ["--stereo", "--steps", "10", "--checkpoint-every", "100", *FAST, "--device", "cpu"]
+    full = tmp_path / "full"
+    assert run_cli(*args, "--out", full).returncode == 0
+
+    cut = tmp_path / "cut"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.Popen([sys.executable, "-m", "sashimi.train", *args, "--out", str(cut)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (cut / "log.csv").exists() and len(read_log(cut)) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode in (0, 130), err
+    stopped_at = checkpoint.load(cut / "checkpoint.pt")["step"]
+    if proc.returncode == 130:
+        assert "interrupted" in err and stopped_at < 10
+    resumed = run_cli(*args, "--out", cut, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = weights(full), weights(cut)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    from sashimi.model import SaShiMi
+    real = SaShiMi.nll_bits
+    calls = {"n": 0}
+
+    def poisoned(self, batch):
+        calls["n"] += 1
+        out = real(self, batch)
+        return out * float("nan") if calls["n"] >= 4 else out
+
+    monkeypatch.setattr(SaShiMi, "nll_bits", poisoned)
+    out = tmp_path / "run"
+    rc = train_main(["--stereo", "--steps", "8", "--checkpoint-every", "2", *FAST, "--out", str(out), "--device", "cpu"])
+    assert rc == 3
+    assert "non-finite training loss" in capsys.readouterr().err
+    saved = checkpoint.load(out / "checkpoint.pt")
+    assert saved["step"] == 2
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+
+
+def test_resume_errors_are_one_line(tmp_path):
+    out = tmp_path / "run"
+    assert train_main(["--steps", "2", *FAST, "--out", str(out), "--device", "cpu"]) == 0
+    # a flag that contradicts the checkpoint
+    r = run_cli("--steps", "3", *FAST, "--out", out, "--resume", "--stereo")
+    assert r.returncode == 2 and "differ from the checkpoint" in r.stderr and "Traceback" not in r.stderr
+    # a new run over an existing one
+    r = run_cli("--steps", "3", *FAST, "--out", out)
+    assert r.returncode == 2 and "--resume" in r.stderr
+    # another format version
+    payload = checkpoint.load(out / "checkpoint.pt")
+    payload["format_version"] = 99
+    torch.save(payload, out / "checkpoint.pt")
+    r = run_cli("--steps", "3", *FAST, "--out", out, "--resume")
+    assert r.returncode == 2 and "format version 99" in r.stderr and "Traceback" not in r.stderr
+    # a corrupt file
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint at all")
+    r = run_cli("--steps", "3", *FAST, "--out", out, "--resume")
+    assert r.returncode == 2 and "cannot read checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_data_folder_is_one_line(tmp_path):
+    r = run_cli("--data", tmp_path / "nowhere", "--steps", "1", "--out", tmp_path / "run")
+    assert r.returncode == 2 and r.stderr.count("\n") <= 2 and "Traceback" not in r.stderr
+    (tmp_path / "empty").mkdir()
+    r = run_cli("--data", tmp_path / "empty", "--steps", "1", "--out", tmp_path / "run2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def _write_music(path: Path, rate: int, seconds: float, channels: int, seed: int, **kw) -> None:
+    import soundfile as sf
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(rate * seconds)) / rate
+    notes = sum(np.sin(2 * np.pi * f * t) * np.exp(-3 * (t % 0.5)) for f in rng.uniform(110, 880, 3))
+    x = 0.25 * notes[:, None] * np.linspace(0.5, 1.0, channels)[None, :] + 0.01 * rng.standard_normal((t.size, channels))
+    sf.write(str(path), x.astype(np.float32), rate, **kw)
+
+
+def test_trains_on_real_format_files_in_stereo(tmp_path):
+    data = tmp_path / "audio"
+    (data / "sub").mkdir(parents=True)
+    _write_music(data / "a.flac", 44100, 1.5, 2, 0)
+    _write_music(data / "sub" / "b.ogg", 44100, 1.5, 2, 1, format="OGG", subtype="VORBIS")
+    _write_music(data / "c.wav", 48000, 1.5, 1, 2, subtype="PCM_16")
+    out = tmp_path / "run"
+    rc = train_main(["--stereo", "--data", str(data), "--steps", "3", *FAST, "--out", str(out), "--device", "cpu"])
+    assert rc == 0
+    assert checkpoint.load(out / "checkpoint.pt")["step"] == 3
+
+
+def test_ddp_two_processes_gloo(tmp_path):
+    """torchrun --nproc_per_node=2 on CPU: gloo DDP, sharded data, identical weights on both ranks."""
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+                        "-m", "sashimi.train", "--stereo", "--steps", "3", *FAST, "--out", str(out), "--device", "cpu"],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "DDP: parameters identical on all 2 ranks" in r.stdout
+    assert "batch 4 x 2" in r.stdout
+    assert checkpoint.load(out / "checkpoint.pt")["data_position"]["world_size"] == 2

@@ -16,7 +16,8 @@ Backward (tokens get no gradient):
 Dtype policy: tokens int8/uint8/int16/int32/int64; weight float32 or bfloat16; out_dtype float32
 or bfloat16 (default weight.dtype). The forward forms `weight * scale` in fp32 and rounds once to
 out_dtype (kernels.reference.embed_interleave does exactly this, so fp32 output is bitwise equal
-to it). The backward accumulates in fp32 and rounds once to weight.dtype.
+to it). The backward accumulates in fp32 and rounds once to weight.dtype. `scale` is a Python
+number; the kernels take it as an fp32 scalar (as torch does when it multiplies an fp32 tensor).
 
 Backward strategies (R rows of width D; contention: V = 256 rows receive ~2M updates at the
 anchor size B=16, L=64000, C=2, D=64):
@@ -29,11 +30,13 @@ anchor size B=16, L=64000, C=2, D=64):
   parts (hi + mid + lo == g, 8 + 8 + 8 significand bits) and does three MMAs, so no gradient is
   rounded to bf16 or tf32. Then either
     - fast mode (deterministic=False): the program atomically adds its partial into an fp32
-      (V, D) buffer: only (programs x V x D) atomics, ~2 x SMs programs;
+      (V, D) buffer: only (programs x V x D) atomics, ~2 x SMs programs in all; the order of
+      those adds varies, so the last bits of the gradient vary run to run. Block sizes
+      (BLOCK_T, BLOCK_V, BLOCK_D, warps, stages) are autotuned per (V, D);
     - deterministic mode: the program stores its partial into a (P, V, D) fp32 buffer
-      (P = min(row tiles, 256), a fixed row partition and a fixed kernel config, independent of
-      the GPU and of autotuning) which a second kernel sums in a fixed order: bitwise identical
-      results run to run.
+      (P = min(row tiles, 256): a fixed row partition and a fixed kernel config, independent of
+      the SM count and of autotuning) which a second kernel sums in a fixed order: bitwise
+      identical results run to run (on the same GPU model and Triton version).
 * V > ONEHOT_MAX_V (16-bit audio, V = 65536), where the one-hot is too large:
     - fast mode: per-row fp32 atomics (`atomic_add` of the scaled grad row at token*D). With a
       large vocabulary the updates spread over many rows, so contention is low; a clip that is
@@ -48,6 +51,12 @@ check runs inside the custom op's implementation, so it also holds inside a torc
 (the op is opaque to the compiler). `check=False` skips it (no sync: for CUDA-graph capture during
 generation); the kernels still never read out of bounds: such a row of `out` comes out NaN and
 the row contributes nothing to grad_weight.
+
+Interpreter notes (TRITON_INTERPRET=1 on CPU, how CI runs this file): with numpy 2.4 the
+interpreter cannot use a tensor as a `range()` bound, casts bool -> bf16 bitwise, and multiplies
+bf16 dot operands as raw uint16. So every loop with a run-time bound has a `while` twin selected
+by the INTERPRET constexpr (GPU builds keep the pipelined `for`), the one-hot is built through
+fp32, and under INTERPRET the (exact) bf16 operands are multiplied in fp32.
 
 Reference: kernels.reference.embed_interleave (plain indexing; its autograd is the oracle of the
 backward).
@@ -175,6 +184,7 @@ def _embed_interleave_bwd_kernel(
     stride_g_b, stride_g_j, stride_g_d,
     ATOMIC: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    PER_SM: tl.constexpr = 1,   # read by the launcher's grid only (programs per SM)
 ):
     # One-hot backward (V <= ONEHOT_MAX_V). grid: (P, cdiv(V, BLOCK_V), cdiv(D, BLOCK_D)).
     # Program p sums row tiles [p*n/P, (p+1)*n/P) into acc[v, d] = sum_t [tok_t == v] g[t, d].
@@ -230,17 +240,19 @@ def _clamp_bwd_configs(configs_, named_args, **kwargs):
 
 # BLOCK_V = 256 keeps the whole V = 256 table in one accumulator, so grad_out is read once;
 # BLOCK_D = 32 halves the accumulator (more programs, fewer registers) at the cost of reading
-# the tokens twice. The first config is the interpreter's (valid for any V, D: masked).
+# the tokens twice. PER_SM: programs per SM in all (the launcher's row partition; fewer programs,
+# fewer atomics at the end). The first config is the interpreter's (valid for any V, D: masked).
 _embed_interleave_bwd_kernel_tuned = triton.autotune(
     configs=configs([
-        triton.Config({"BLOCK_T": 64, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_T": 32, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_T": 128, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_T": 64, "BLOCK_V": 256, "BLOCK_D": 32}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_T": 64, "BLOCK_V": 256, "BLOCK_D": 32}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_T": 128, "BLOCK_V": 256, "BLOCK_D": 32}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_T": 64, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_T": 128, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_T": 64, "BLOCK_V": 256, "BLOCK_D": 64, "PER_SM": 2}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_T": 64, "BLOCK_V": 256, "BLOCK_D": 64, "PER_SM": 1}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_T": 32, "BLOCK_V": 256, "BLOCK_D": 64, "PER_SM": 1}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_T": 128, "BLOCK_V": 256, "BLOCK_D": 64, "PER_SM": 1}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_T": 64, "BLOCK_V": 256, "BLOCK_D": 32, "PER_SM": 1}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_T": 64, "BLOCK_V": 256, "BLOCK_D": 32, "PER_SM": 2}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_T": 128, "BLOCK_V": 256, "BLOCK_D": 32, "PER_SM": 1}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_T": 64, "BLOCK_V": 128, "BLOCK_D": 64, "PER_SM": 2}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_T": 128, "BLOCK_V": 128, "BLOCK_D": 64, "PER_SM": 1}, num_warps=8, num_stages=3),
     ]),
     key=["V", "D"],
     prune_configs_by={"early_config_prune": _clamp_bwd_configs},
@@ -402,11 +414,11 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _fast_programs(device: torch.device, n_tiles: int, other_programs: int) -> int:
-    """Row partitions of the fast one-hot backward: about two programs per SM in all."""
+def _fast_programs(device: torch.device, n_tiles: int, other_programs: int, per_sm: int) -> int:
+    """Row partitions of the fast one-hot backward: about per_sm programs per SM in all."""
     if device.type == "cuda":
         sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-        return max(1, min(n_tiles, triton.cdiv(2 * sms, other_programs)))
+        return max(1, min(n_tiles, triton.cdiv(per_sm * sms, other_programs)))
     return max(1, min(n_tiles, 4))   # the interpreter: few programs, each with several tiles
 
 
@@ -439,6 +451,9 @@ def embed_interleave_bwd(grad_out: torch.Tensor, tokens: torch.Tensor, num_embed
     B, L, C = tokens.shape
     V, D = num_embeddings, grad_out.shape[-1]
     R = B * L * C
+    if grad_out.shape != (B, L * C, D) or grad_out.dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"{OP}: grad_out must be float32/bfloat16 of shape {(B, L * C, D)}, "
+                         f"got {grad_out.dtype} {tuple(grad_out.shape)}")
     device = grad_out.device
     if R == 0 or V == 0 or D == 0:
         return torch.zeros((V, D), device=device, dtype=weight_dtype)
@@ -453,7 +468,8 @@ def embed_interleave_bwd(grad_out: torch.Tensor, tokens: torch.Tensor, num_embed
 
                 def grid(meta):
                     n_vb, n_db = triton.cdiv(V, meta["BLOCK_V"]), triton.cdiv(D, meta["BLOCK_D"])
-                    return (_fast_programs(device, triton.cdiv(R, meta["BLOCK_T"]), n_vb * n_db), n_vb, n_db)
+                    P = _fast_programs(device, triton.cdiv(R, meta["BLOCK_T"]), n_vb * n_db, meta["PER_SM"])
+                    return (P, n_vb, n_db)
 
                 kernel, blocks = _embed_interleave_bwd_kernel_tuned, {}
                 if interpreting():   # one config and no autotuner pruning there: clamp it here

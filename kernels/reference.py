@@ -59,16 +59,19 @@ def embed_interleave(tokens: torch.Tensor, weight: torch.Tensor, scale: float = 
     """out[b, l*C + c] = scale * weight[tokens[b, l, c]]: channels interleaved L, R, L, R.
 
     tokens: integer (B, L, C); weight: (V, D). Returns (B, L*C, D) in out_dtype (default:
-    weight.dtype). The product is formed in fp32 and rounded once, as the kernel does.
+    weight.dtype). The product is formed in fp32 and rounded once, as the kernel does. The rows
+    are gathered from the table converted to that compute dtype, so the backward accumulates
+    d weight in fp32 and rounds it once to weight.dtype, as the kernel does (gathering from a
+    bf16 table directly would sum a bf16 table's gradient in bf16).
     """
     if tokens.dim() != 3:
         raise ValueError(f"embed_interleave: tokens must be (B, L, C), got shape {tuple(tokens.shape)}")
     check_tokens(tokens, weight.shape[0])
     B, L, C = tokens.shape
     out_dtype = weight.dtype if out_dtype is None else out_dtype
-    rows = weight[tokens.reshape(B, L * C)]  # reshape of (B, L, C) is the interleave
     compute = torch.promote_types(weight.dtype, torch.float32)  # fp32 for fp32/bf16, fp64 stays
-    return (rows.to(compute) * scale).to(out_dtype)
+    rows = weight.to(compute)[tokens.reshape(B, L * C)]  # reshape of (B, L, C) is the interleave
+    return (rows * scale).to(out_dtype)
 
 
 def ssm_step(state: torch.Tensor, u: torch.Tensor, dA: torch.Tensor, dB: torch.Tensor,

@@ -95,7 +95,7 @@ def _step_constants(g, device, H, N, r=None):
     E = 1 / (2 / dt - lam)
     qep = 2 * (P.conj()[:, None] * (E * P)[None]).sum(-1).real          # (r, r, H): Q_j^* E P_k
     M = torch.linalg.inv(torch.eye(r) + qep.permute(2, 0, 1))              # (H, r, r)
-    W = torch.einsum("hkj,khn->jhn", M.to(torch.complex64), P)            # W_j = sum_k M_kj Q_k
+    W = torch.einsum("hkj,jhn->khn", M.to(torch.complex64), P)            # W_k = sum_j M_kj Q_j
     return [t.to(device) for t in (E * (2 / dt + lam), 2 * E * B, C, D, E * P, P, W)]
 
 

@@ -102,8 +102,8 @@ def _ssm_step_fwd_kernel(
     stride_y_b, stride_y_h,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
 ):
-    pid_h = tl.program_id(0).to(tl.int64)
-    pid_b = tl.program_id(1).to(tl.int64)
+    pid_b = tl.program_id(0).to(tl.int64)  # batch rows on axis 0 (no 65535 limit on B)
+    pid_h = tl.program_id(1).to(tl.int64)
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_n = tl.arange(0, BLOCK_N)
     offs_c = tl.arange(0, 2)  # re, im
@@ -167,7 +167,7 @@ def ssm_step_fwd(state: torch.Tensor, u: torch.Tensor, dA: torch.Tensor, dB: tor
     BLOCK_N = triton.next_power_of_2(max(N, 1))
 
     def grid(meta):
-        return (triton.cdiv(H, meta["BLOCK_H"]), triton.cdiv(B, meta["ROWS"]))
+        return (triton.cdiv(B, meta["ROWS"]), triton.cdiv(H, meta["BLOCK_H"]))
 
     with nvtx_range("sashimi/ssm_step/fwd"):
         _ssm_step_fwd_kernel[grid](

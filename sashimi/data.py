@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import numbers
 import os
 import struct
 import threading
@@ -51,6 +52,12 @@ class DataError(Exception):
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split())
     return text or type(err).__name__
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 # ----------------------------------------------------------------------------------- warnings
@@ -222,8 +229,7 @@ def read_audio(path, sample_rate: int, channels: int, start: int = 0,
     PCM). Only the needed part of the file is decoded. The result equals
     torchaudio.functional.resample of the whole file, sliced. Raises DataError for unreadable,
     truncated or corrupt files and for a range beyond the file's end."""
-    if not (isinstance(sample_rate, int) and sample_rate > 0):
-        raise ValueError(f"sample_rate must be a positive integer, got {sample_rate!r}")
+    sample_rate = _positive_int(sample_rate, "sample_rate")
     if channels not in (1, 2):
         raise ValueError(f"channels must be 1 or 2, got {channels!r}")
     if start < 0 or (frames is not None and frames < 0):
@@ -243,8 +249,7 @@ class SyntheticStereoMusic:
     PEAK = 0.8
 
     def __init__(self, sample_rate: int, seconds_per_clip: float = 4.0, clips: int = 16, seed: int = 0):
-        if not (isinstance(sample_rate, int) and sample_rate > 0):
-            raise ValueError(f"sample_rate must be a positive integer, got {sample_rate!r}")
+        sample_rate = _positive_int(sample_rate, "sample_rate")
         if not seconds_per_clip > 0 or clips < 1:
             raise ValueError("seconds_per_clip must be > 0 and clips >= 1")
         self.sample_rate = sample_rate
@@ -363,7 +368,14 @@ def _scan(root: Path) -> list[Path]:
 
 def _probe(path: Path) -> tuple[int, int, int]:
     """Header plus a read of the last frames, which catches truncated compressed files whose
-    header still claims the full length. Raises on any failure."""
+    header still claims the full length. Raises on any failure. Cached per (path, size,
+    mtime) and process, so the second split's scan is cheap."""
+    st = path.stat()
+    return _probe_cached(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=65536)
+def _probe_cached(path: str, size: int, mtime_ns: int) -> tuple[int, int, int]:
     with sf.SoundFile(str(path)) as f:
         frames, rate, ch = int(f.frames), int(f.samplerate), int(f.channels)
         if frames > 0:
@@ -398,10 +410,8 @@ class AudioCrops(torch.utils.data.Dataset):
             raise ValueError(f"split must be 'train' or 'valid', got {split!r}")
         if channels not in (1, 2):
             raise ValueError(f"channels must be 1 or 2, got {channels!r}")
-        if not (isinstance(sample_rate, int) and sample_rate > 0):
-            raise ValueError(f"sample_rate must be a positive integer, got {sample_rate!r}")
-        if not (isinstance(crop_frames, int) and crop_frames > 0):
-            raise ValueError(f"crop_frames must be a positive integer, got {crop_frames!r}")
+        sample_rate = _positive_int(sample_rate, "sample_rate")
+        crop_frames = _positive_int(crop_frames, "crop_frames")
         if not 0.0 < valid_fraction < 1.0:
             raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction!r}")
         if valid_crops < 1:
@@ -419,6 +429,7 @@ class AudioCrops(torch.utils.data.Dataset):
             seconds = max(4.0, 2.0 * crop_frames / sample_rate)
             self.synthetic = SyntheticStereoMusic(sample_rate, seconds_per_clip=seconds, seed=self.seed)
             self.files: list[Path] = []
+            self.file_info: list[tuple[int, int, int]] = []
             lengths = [self.synthetic.frames] * len(self.synthetic)
         else:
             lengths = self._scan_folder()

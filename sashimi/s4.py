@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from kernels._utils import nvtx_range
 
 SSM_LR = 1e-3
 
@@ -175,9 +176,11 @@ class S4Layer(nn.Module):
             raise ValueError(f"sequence length {L} exceeds the layer's l_max {self.l_max}")
         with torch.autocast(device_type=x.device.type, enabled=False):
             u = x.transpose(1, 2).float()                                  # (B, H, L)
-            # DPLR's C~ makes the kernel exact at l_max only: compute it there and truncate
-            K = self.kernel(self.l_max)[:, :L] if self.ssm == "dplr" else self.kernel(L)
-            y = fft_conv(u, K) + self.D[:, None] * u
+            with nvtx_range("sashimi/s4/kernel"):
+                # DPLR's C~ makes the kernel exact at l_max only: compute it there and truncate
+                K = self.kernel(self.l_max)[:, :L] if self.ssm == "dplr" else self.kernel(L)
+            with nvtx_range("sashimi/s4/fftconv"):
+                y = fft_conv(u, K) + self.D[:, None] * u
             y = F.gelu(y).transpose(1, 2)
         return F.glu(self.out(self.dropout(y)), dim=-1)
 

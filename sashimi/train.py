@@ -326,7 +326,10 @@ def run(args) -> int:
                             pin_memory=device.type == "cuda")
     val_data = valid_batches(valid_set, batch_size=train_cfg.batch_size)
     # shard validation crops across ranks (the sums are all-reduced)
+    has_val = len(val_data) > 0  # the same on every rank (validate() all-reduces)
     val_data = val_data[rank::world] if distributed else val_data
+    if main and not has_val:
+        print("note: no validation audio (too few or too short files); validation is skipped")
     log_path = out / "log.csv"
     fields = ["step", "elapsed_s", "train_bits", "tokens_per_s", "lr", "val_bits"] + \
              (["val_bits_L", "val_bits_R"] if model_cfg.channels == 2 else ["val_bits_mono"])
@@ -393,7 +396,7 @@ def run(args) -> int:
                              tokens_per_s=f"{tps:.0f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}"))
                 loss_acc.zero_()
                 window_t, window_steps = now, 0
-            if val_due:
+            if val_due and has_val:
                 val = validate(model, val_data, device, train_cfg.precision, distributed)
                 if main:
                     bar.write(f"step {step}: validation " + ", ".join(f"{k} {v:.3f}" for k, v in val.items()))

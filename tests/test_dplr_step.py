@@ -131,7 +131,7 @@ def test_dplr_step_many_steps(B, H, N, r, q_equals_p, triton_device, nan_poison)
 
 
 @pytest.mark.interpreter
-@settings(max_examples=12, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(B=st.integers(1, 5), H=dims(40), N=dims(40), r=st.integers(1, 3), steps=st.integers(1, 4),
        q_equals_p=st.booleans(), seed=seeds)
 def test_dplr_step_properties(B, H, N, r, steps, q_equals_p, seed, triton_device):

@@ -326,6 +326,18 @@ def test_check_false_gives_nan_rows(triton_device, nan_poison, V, deterministic)
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("shape,D", [((0, 5, 2), 3), ((2, 0, 2), 3), ((2, 3, 2), 0)], ids=["B0", "L0", "D0"])
+def test_empty_shapes(triton_device, shape, D):
+    tokens = torch.zeros(shape, dtype=torch.int64, device=triton_device)
+    weight = torch.randn(4, D, device=triton_device, requires_grad=True)
+    for det in (False, True):
+        out = embed_interleave(tokens, weight, deterministic=det, backend="triton")
+        assert out.shape == (shape[0], shape[1] * shape[2], D)
+        (grad,) = torch.autograd.grad(out.sum(), weight)
+        assert grad.shape == (4, D) and not grad.any()
+
+
+@pytest.mark.interpreter
 def test_mono_equals_embedding(triton_device):
     gen = torch.Generator().manual_seed(16)
     B, L, V, D = 3, 19, 256, 32
@@ -435,6 +447,16 @@ def test_reference_matches_naive_loop():
     out64.backward(g)
     expected = torch.zeros(V, D, dtype=torch.float64).index_add_(0, tokens.reshape(-1), 0.5 * g.reshape(-1, D))
     assert torch.allclose(w.grad, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_reference_bf16_grad_accumulates_in_fp32():
+    """300 unit updates of one bf16 row: summed in bf16 they would stall at 256."""
+    tokens = torch.zeros(1, 150, 2, dtype=torch.int64)
+    weight = torch.zeros(2, 4, dtype=torch.bfloat16, requires_grad=True)
+    reference.embed_interleave(tokens, weight).sum().backward()
+    assert weight.grad.dtype == torch.bfloat16
+    assert torch.equal(weight.grad[0], torch.full((4,), 300.0, dtype=torch.bfloat16))
+    assert torch.equal(weight.grad[1], torch.zeros(4, dtype=torch.bfloat16))
 
 
 def test_reference_backend_on_cpu():

@@ -170,3 +170,13 @@ def test_config_errors():
         m(torch.randint(0, 256, (1, 64, 1)))
     cfg = tiny(channels=2)
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_ordinal_embedding_is_smooth_in_amplitude():
+    from sashimi.model import ordinal_embedding
+    e = ordinal_embedding(256, 64)
+    sim = e @ e.T
+    assert torch.allclose(sim.diagonal(), torch.ones(256), atol=0.35)  # ~unit rows (random features)
+    near, far = sim.diagonal(1).mean(), sim[:128, 128:].abs().mean()
+    assert near > 0.7 and far < 0.2
+    assert torch.equal(e, ordinal_embedding(256, 64))  # deterministic

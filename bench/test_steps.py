@@ -1,0 +1,131 @@
+"""Benchmarks of the recurrent steps kernels.ssm_step and kernels.dplr_step (generation).
+
+Shapes: H = 256 channels (the widest tier of the paper model), N = 32 stored state entries
+(d_state 64 as conjugate pairs), rank r = 1, batch B in {1, 16, 256}; --bench-size small: B = 1.
+
+Providers:
+  triton, reference            one eager call per timed run (the host-side cost of a call is
+                                in the time: at B = 1 it is what dominates)
+  triton_graph, reference_graph 100 steps captured in one torch.cuda.CUDAGraph, one replay per
+                                timed run; extra_info["us_per_step"] = replay time / 100 is the
+                                number generation sees (anchors.md: ~1.18 us per graph kernel)
+
+nbytes per step (the floor): the state read and written (2 x B H N x 8 bytes), the per-channel
+constants read once (ssm: dA, dB, C; dplr: dA, dB, C, P, Q, W: 8 bytes each per (H, N) entry per
+rank, plus D), u read and y written (4 bytes per (B, H)).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bench._common import run
+
+H, N, R = 256, 32, 1
+BATCHES = [1, 16, 256]
+PROVIDERS = ["triton", "reference", "triton_graph", "reference_graph"]
+GRAPH_STEPS = 100
+
+
+def _step_inputs(op: str, B: int, device) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Stable inputs (the state stays bounded over thousands of in-place steps): S4D-Lin for the
+    diagonal step, a HiPPO-like normal-plus-low-rank system (Q = P) for the DPLR step."""
+    g = torch.Generator().manual_seed(0)
+    f64, c128 = torch.float64, torch.complex128
+    dt = 0.01 + 0.09 * torch.rand(H, 1, generator=g, dtype=f64)
+    lam = torch.complex(-0.5 * torch.ones(H, N, dtype=f64),
+                        math.pi * torch.arange(N, dtype=f64).expand(H, N))
+    Bc = torch.randn(H, N, generator=g, dtype=c128)
+    C = torch.randn(H, N, generator=g, dtype=c128)
+    D = torch.randn(H, generator=g, dtype=f64)
+    if op == "ssm_step":
+        dA = torch.exp(dt * lam)
+        consts = dict(dA=dA, dB=(dA - 1) / lam * Bc, C=C, D=D)
+    else:
+        P = torch.randn(R, H, N, generator=g, dtype=c128)
+        P = P / P.abs().pow(2).sum(-1, keepdim=True).sqrt() * math.sqrt(N)
+        E = 1 / (2 / dt - lam)
+        G = 2 * (P.conj().unsqueeze(1) * (E * P).unsqueeze(0)).sum(-1).real     # (j, k, H)
+        M = torch.linalg.inv(torch.eye(R, dtype=f64) + G.permute(2, 0, 1))      # (H, r, r)
+        W = torch.einsum("hkj,jhn->khn", M.to(c128), P)
+        consts = dict(dA=E * (2 / dt + lam), dB=2 * E * Bc, C=C, D=D, P=E * P, Q=P, W=W)
+    consts = {k: (v.to(torch.complex64) if v.is_complex() else v.float()).to(device)
+              for k, v in consts.items()}
+    state = torch.randn(B, H, N, generator=g, dtype=torch.complex64).to(device)
+    u = torch.randn(B, H, generator=g).to(device)
+    return state, u, consts
+
+
+def _nbytes(op: str, B: int) -> float:
+    ranks = 0 if op == "ssm_step" else 3 * R  # P, Q, W
+    consts = (3 + ranks) * H * N * 8 + H * 4
+    return 2 * B * H * N * 8 + consts + 2 * B * H * 4
+
+
+def _bench_step(benchmark, bench_size, op: str, provider: str, B: int):
+    if bench_size == "small" and B != 1:
+        pytest.skip("--bench-size small: B = 1 only")
+    import kernels
+
+    fn_op = getattr(kernels, op)
+    backend = provider.removesuffix("_graph")
+    state, u, consts = _step_inputs(op, B, torch.device("cuda"))
+    shape = dict(B=B, H=H, N=N) if op == "ssm_step" else dict(B=B, H=H, N=N, r=R)
+    nbytes = _nbytes(op, B)
+
+    with torch.inference_mode():
+        def one_step():
+            return fn_op(state, u, **consts, backend=backend)
+
+        if not provider.endswith("_graph"):
+            p50 = run(benchmark, one_step, op=op, direction="fwd", provider=provider, shape=shape,
+                      dtype="complex64", nbytes=nbytes)
+            benchmark.extra_info["us_per_step"] = p50 * 1e3
+            _record_config(benchmark, op, backend)
+            return
+
+        # warm up on a side stream (compiles and autotunes the kernel), then capture 100 steps
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                one_step()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(GRAPH_STEPS):
+                one_step()
+        torch.cuda.synchronize()
+        p50 = run(benchmark, graph.replay, op=op, direction="fwd", provider=provider, shape=shape,
+                  dtype="complex64", nbytes=GRAPH_STEPS * nbytes)
+        benchmark.extra_info["steps_per_replay"] = GRAPH_STEPS
+        benchmark.extra_info["us_per_step"] = p50 * 1e3 / GRAPH_STEPS
+        benchmark.group = benchmark.group + f"-graph{GRAPH_STEPS}"
+        _record_config(benchmark, op, backend)
+
+
+def _record_config(benchmark, op: str, backend: str) -> None:
+    """The autotuner's choice (BLOCK_H, ROWS, num_warps) for the Triton provider."""
+    if backend != "triton":
+        return
+    import importlib
+
+    module = importlib.import_module(f"kernels.{op}")
+    best = getattr(getattr(module, f"_{op}_fwd_kernel"), "best_config", None)
+    benchmark.extra_info["best_config"] = str(best)
+
+
+_PARAMS = [pytest.param(p, B, id=f"{p}-B{B}-H{H}-N{N}") for B in BATCHES for p in PROVIDERS]
+
+
+@pytest.mark.parametrize("provider,B", _PARAMS)
+def test_bench_ssm_step_fwd(benchmark, bench_size, provider, B):
+    _bench_step(benchmark, bench_size, "ssm_step", provider, B)
+
+
+@pytest.mark.parametrize("provider,B", _PARAMS)
+def test_bench_dplr_step_fwd(benchmark, bench_size, provider, B):
+    _bench_step(benchmark, bench_size, "dplr_step", provider, B)

@@ -85,7 +85,7 @@ def generate_audio(model: SaShiMi, frames: int, batch: int, quantizer: Quantizer
     t0 = time.perf_counter()
     for t in range(n_total - 1):
         with nvtx_range("sashimi/generate/step"):
-            out = model.step(tokens[:, t], state)
+            out = model.step(tokens[:, t], state, t)
             if t + 1 >= n_prompt:  # prompt tokens are only consumed
                 nxt, logp = model.head.sample(out, temperature, top_p, generator=gen)
                 tokens[:, t + 1] = nxt

@@ -157,16 +157,16 @@ class DownPool(nn.Module):
         return self.linear(x.reshape(B, L // self.pool, self.pool * H))
 
     def default_state(self, batch, device=None):
-        return []  # the inputs of the current block
+        # the inputs of the current block, slot k = k-th step of the block (a fixed buffer, so
+        # a step can be captured in a CUDA graph)
+        return torch.zeros(batch, self.pool, self.linear.in_features // self.pool, device=device)
 
-    def step(self, x, state: list):
-        """Buffers p inputs; returns the pooled output on the p-th, else None."""
-        state.append(x)
-        if len(state) < self.pool:
+    def step(self, x, state: torch.Tensor, phase: int):
+        """Buffers the input in slot `phase` (0..p-1); returns the pooled output at phase p-1, else None."""
+        state[:, phase].copy_(x)
+        if phase < self.pool - 1:
             return None
-        out = self.linear(torch.cat(state, dim=-1))
-        state.clear()
-        return out
+        return self.linear(state.reshape(state.shape[0], -1))
 
 
 class UpPool(nn.Module):
@@ -184,15 +184,16 @@ class UpPool(nn.Module):
         return y.reshape(B, Lc * self.pool, self.d_out)
 
     def default_state(self, batch, device=None):
-        zero = torch.zeros(batch, self.d_out, device=device)
-        return [zero] * self.pool  # the outputs still to emit: block 0 is zeros
+        return torch.zeros(batch, self.pool, self.d_out, device=device)  # block 0 is zeros
 
-    def step(self, x, state: list):
-        y = state.pop(0)
-        if not state:
+    def step(self, x, state: torch.Tensor, phase: int):
+        """Emits slot `phase` of the current block; at phase p-1 refills the buffer from x, the
+        coarse tier's output of the block that just ended."""
+        y = state[:, phase].clone()
+        if phase == self.pool - 1:
             if x is None:
                 raise RuntimeError("UpPool.step: the coarse tier did not produce its output in time")
-            state.extend(self.linear(x).reshape(x.shape[0], self.pool, self.d_out).unbind(1))
+            state.copy_(self.linear(x).view(x.shape[0], self.pool, self.d_out))
         return y
 
 
@@ -255,11 +256,22 @@ class Backbone(nn.Module):
             up_tiers=[[layer.default_state(batch, device) for layer in tier] for tier in self.up_tiers],
         )
 
-    def step(self, x, state):
-        """One interleaved time step (B, H) -> (B, H). Coarser tiers run every p-th step."""
+    def phases(self, t: int) -> list[int]:
+        """Slot of step t in each pool's block, finest first: tier i runs when every pool
+        below it is at its last slot. Depends only on t mod prod(pool)."""
+        out, stride = [], 1
+        for pool in self.down:
+            out.append((t // stride) % pool.pool)
+            stride *= pool.pool
+        return out
+
+    def step(self, x, state, t: int):
+        """Interleaved time step t: (B, H) -> (B, H). Coarser tiers run every p-th step; what
+        runs depends only on t mod prod(pool), so each of those variants is a static graph."""
+        phases = self.phases(t)
         skips = [x]
-        for pool, s in zip(self.down, state["down"]):
-            x = pool.step(x, s)
+        for pool, s, ph in zip(self.down, state["down"], phases):
+            x = pool.step(x, s, ph)
             if x is None:
                 break
             skips.append(x)
@@ -272,7 +284,8 @@ class Backbone(nn.Module):
         else:  # tiers above len(skips) - 1 did not run: their UpPools replay buffered outputs
             first = n - len(skips)
         for j in range(first, n):
-            x = self.up[j].step(x, state["up"][j]) + skips.pop()
+            tier = n - 1 - j  # the tier this UpPool feeds
+            x = self.up[j].step(x, state["up"][j], phases[tier]) + skips.pop()
             skip = x
             for layer, s in zip(self.up_tiers[j], state["up_tiers"][j]):
                 x = layer.step(x, s)
@@ -430,10 +443,11 @@ class SaShiMi(nn.Module):
         device = self.embedding.weight.device if device is None else device
         return self.backbone.default_state(batch, device)
 
-    def step(self, token: torch.Tensor, state) -> torch.Tensor:
-        """One interleaved token (B,) -> head output for the next one (B, V or 3*n_mixtures)."""
+    def step(self, token: torch.Tensor, state, t: int) -> torch.Tensor:
+        """Interleaved token number t (B,) -> head output for token t + 1 (B, V or 3*n_mixtures).
+        `state` (from default_state) is updated in place."""
         x = F.embedding(token, self.embedding.weight)
-        return self.head(self.backbone.step(x, state))
+        return self.head(self.backbone.step(x, state, t))
 
 
 def ordinal_embedding(levels: int, d: int, bandwidth_tokens: float = 3.0) -> torch.Tensor:

@@ -66,7 +66,7 @@ def _step_outputs(m: SaShiMi, tokens: torch.Tensor) -> torch.Tensor:
     m.setup_step()
     state = m.default_state(B)
     with torch.no_grad():
-        return torch.stack([m.step(flat[:, i], state) for i in range(flat.shape[1])], 1)
+        return torch.stack([m.step(flat[:, i], state, i) for i in range(flat.shape[1])], 1)
 
 
 @pytest.mark.parametrize("ssm,C,head", COMBOS)
@@ -180,3 +180,11 @@ def test_ordinal_embedding_is_smooth_in_amplitude():
     near, far = sim.diagonal(1).mean(), sim[:128, 128:].abs().mean()
     assert near > 0.7 and far < 0.2
     assert torch.equal(e, ordinal_embedding(256, 64))  # deterministic
+
+
+def test_pool_schedule_is_static():
+    """What a step runs depends only on t mod prod(pool): 16 variants for pool (4, 4)."""
+    m = SaShiMi(tiny())
+    assert [m.backbone.phases(t) for t in (0, 3, 4, 15, 16, 31)] == [[0, 0], [3, 0], [0, 1], [3, 3], [0, 0], [3, 3]]
+    state = m.default_state(2)
+    assert all(torch.is_tensor(s) for s in state["down"] + state["up"])

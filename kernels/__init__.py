@@ -8,17 +8,11 @@ TRITON_INTERPRET=1) and the reference otherwise. Importing an op module register
 """
 from __future__ import annotations
 
-import importlib
-
 from kernels import reference
+from kernels.cauchy import cauchy
+from kernels.dplr_step import dplr_step
+from kernels.embed_interleave import embed_interleave
+from kernels.ssm_step import ssm_step
+from kernels.vandermonde import vandermonde
 
-_OPS = ("cauchy", "vandermonde", "embed_interleave", "ssm_step", "dplr_step")
-__all__ = list(_OPS) + ["reference"]
-
-# DEV-ONLY tolerant import while the op modules are being written in parallel; replaced by
-# plain `from kernels.<op> import <op>` lines before landing.
-for _op in _OPS:
-    try:
-        globals()[_op] = getattr(importlib.import_module(f"kernels.{_op}"), _op)
-    except (ModuleNotFoundError, AttributeError):
-        pass
+__all__ = ["cauchy", "vandermonde", "embed_interleave", "ssm_step", "dplr_step", "reference"]

@@ -5,6 +5,14 @@ module, `SaShiMi.step`), sampling from its head with temperature / top-p (catego
 from the logistic mixture (DML), and accumulating each sample's exact log-likelihood. The
 sample rate, bit depth, quantisation and channel count come from the checkpoint. Stereo is
 de-interleaved into (frames, 2) and written as 16-bit PCM WAV.
+
+Fast paths: the prompt (`--prompt`, or the one frame of silence an unconditional sample starts
+from) is consumed in parallel by `sashimi.prefill.prefill` (no token-by-token stepping), and on
+CUDA the step runs as one CUDA graph replay per token: one graph per phase variant
+(t mod prod(pool)) of `StepSampler.step` (model step, sampling, the token written at a
+device-side position, the log-likelihood accumulated on the device), replayed with no host
+sync inside the loop. `--no-cuda-graphs` (and every CPU run) runs the same step function
+eagerly.
 """
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ from kernels._utils import nvtx_range
 from sashimi import checkpoint
 from sashimi.checkpoint import CheckpointError
 from sashimi.model import ModelConfig, SaShiMi
+from sashimi.prefill import prefill
 from sashimi.quantize import Quantizer
 
 
@@ -46,20 +55,157 @@ def load_model(path, device) -> SaShiMi:
     return model.to(device).eval()
 
 
+class GraphCaptureError(RuntimeError):
+    """Capturing the generation step in a CUDA graph failed (rerun with --no-cuda-graphs)."""
+
+
+def _map_state(fn, state):
+    """Apply fn to every tensor of a (nested dict / list) model state; None stays None."""
+    if state is None:
+        return None
+    if torch.is_tensor(state):
+        return fn(state)
+    if isinstance(state, dict):
+        return {k: _map_state(fn, v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_map_state(fn, v) for v in state)
+    raise TypeError(f"unexpected entry in the model state: {type(state).__name__}")
+
+
+class StepSampler:
+    """One generation step on static buffers: the unit that is captured in a CUDA graph.
+
+    step(phase): out = model.step(cur, state, phase); (token, logp) = head.sample(out, ...);
+    cur <- token; tokens[:, pos] <- token with `pos` a DEVICE tensor incremented in place;
+    loglik += logp. Nothing is read back to the host and every buffer is allocated once, so the
+    same function runs eagerly (CPU, --no-cuda-graphs) and under CUDA graph capture.
+    `phase` = t mod prod(pool): what a step runs depends only on it (Backbone.phases), so
+    prod(pool) graphs (16 for pool (4, 4)) cover every step.
+    """
+
+    def __init__(self, model: SaShiMi, state, tokens: torch.Tensor, loglik: torch.Tensor, pos: int,
+                 temperature: float = 1.0, top_p: float = 1.0, generator: torch.Generator | None = None):
+        device = tokens.device
+        self.model, self.state, self.tokens, self.loglik = model, state, tokens, loglik
+        self.temperature, self.top_p, self.generator = temperature, top_p, generator
+        self.period = model.cfg.pool_factor
+        self.cur = torch.zeros(tokens.shape[0], dtype=torch.long, device=device)   # the last token
+        self.pos = torch.full((1,), pos, dtype=torch.long, device=device)          # where it goes
+
+    def sample(self, out: torch.Tensor) -> None:
+        """Sample the token at `pos` from the head output `out` (B, ...) and record it."""
+        token, logp = self.model.head.sample(out, self.temperature, self.top_p, generator=self.generator)
+        self.cur.copy_(token)
+        self.tokens.index_copy_(1, self.pos, token.unsqueeze(1))
+        self.pos.add_(1)
+        self.loglik.add_(logp.double())
+
+    def step(self, phase: int) -> None:
+        """Consume `cur` (interleaved step t, phase = t mod prod(pool)) and sample the next token."""
+        self.sample(self.model.step(self.cur, self.state, phase))
+
+    def scratch(self, generator: torch.Generator | None) -> "StepSampler":
+        """A copy on buffers of its own (state cloned, room for a few periods of tokens): for
+        warming up before a capture without touching this sampler's buffers or generator."""
+        B = self.tokens.shape[0]
+        tokens = torch.zeros(B, 4 * self.period + 2, dtype=torch.long, device=self.tokens.device)
+        other = StepSampler(self.model, _map_state(torch.clone, self.state), tokens,
+                            torch.zeros_like(self.loglik), 0, self.temperature, self.top_p, generator)
+        other.cur.copy_(self.cur)
+        return other
+
+
+def capture_step_graphs(sampler: StepSampler, phases=None, warmup: int = 2) -> dict:
+    """One CUDA graph per phase variant of `sampler.step` (all prod(pool) of them, or `phases`,
+    captured in that order; a replay order that differs is safe: no tensor allocated inside a
+    capture outlives it, everything a step keeps is in the sampler's static buffers).
+
+    Warm-up first, as the CUDA graphs docs require: every variant `warmup` times on a side
+    stream, on scratch copies of the buffers and a scratch generator (this runs every Triton
+    kernel once, so autotuning is never captured, and the real state and RNG are untouched).
+    The sampler's generator is registered with every graph: each replay advances its philox
+    offset exactly as the eager step would, so graphs and eager draw the same numbers.
+    """
+    device = sampler.tokens.device
+    if device.type != "cuda":
+        raise ValueError("capture_step_graphs needs a sampler on a CUDA device")
+    order = list(range(sampler.period)) if phases is None else list(phases)
+    try:
+        scratch = sampler.scratch(torch.Generator(device=device).manual_seed(0))
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                for phase in range(sampler.period):
+                    scratch.step(phase)
+        torch.cuda.current_stream(device).wait_stream(side)
+        torch.cuda.synchronize(device)
+        del scratch
+        pool = torch.cuda.graph_pool_handle()
+        graphs = {}
+        for phase in order:
+            g = torch.cuda.CUDAGraph()
+            if sampler.generator is not None:
+                g.register_generator_state(sampler.generator)
+            with torch.cuda.graph(g, pool=pool):
+                sampler.step(phase)
+            graphs[phase] = g
+        torch.cuda.synchronize(device)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GraphCaptureError(f"CUDA graph capture of the generation step failed ({first}); "
+                                f"rerun with --no-cuda-graphs") from exc
+    return graphs
+
+
+def run_steps(sampler: StepSampler, t0: int, t1: int, graphs: dict | None = None,
+              on_progress=None, every: int = 256) -> None:
+    """Steps t = t0 .. t1-1: graphs[t mod period].replay(), or sampler.step eagerly. No host
+    sync; on_progress(steps_done) every `every` steps (it must not read the device)."""
+    P = sampler.period
+    for t in range(t0, t1):
+        if graphs is None:
+            sampler.step(t % P)
+        else:
+            graphs[t % P].replay()
+        if on_progress is not None and (t + 1 - t0) % every == 0:
+            on_progress(t + 1 - t0)
+
+
+def _consume_prompt(model: SaShiMi, start: torch.Tensor, use_prefill: bool):
+    """State and head output after the interleaved tokens `start` (B, T)."""
+    if use_prefill:
+        with nvtx_range("sashimi/generate/prefill"):
+            return prefill(model, start)
+    state = model.default_state(start.shape[0])
+    for t in range(start.shape[1]):
+        out = model.step(start[:, t], state, t)
+    return state, out
+
+
 @torch.no_grad()
 def generate_audio(model: SaShiMi, frames: int, batch: int, quantizer: Quantizer,
                    temperature: float = 1.0, top_p: float = 1.0, prompt: torch.Tensor | None = None,
-                   seed: int = 0, progress: bool = True):
+                   seed: int = 0, progress: bool = True, cuda_graphs: bool | None = None,
+                   use_prefill: bool = True):
     """Generate `frames` frames (prompt included) for `batch` samples.
 
     prompt: float audio (P, C) at the model's rate, continued by every sample. Without one,
     generation starts from one frame of silence (not part of the output).
+    The prompt (or that frame) is consumed by `sashimi.prefill.prefill` in parallel (once, then
+    its state is copied to every sample); use_prefill=False steps through it token by token.
+    cuda_graphs: replay one CUDA graph per phase variant of the step (default: on CUDA);
+    False runs the same step function eagerly (always on CPU).
     Returns (audio float32 (batch, frames, C) in [-1, 1], log-likelihood of the generated
     tokens in bits, (batch,)).
     """
     cfg = model.cfg
     C = cfg.channels
     device = model.embedding.weight.device
+    if cuda_graphs is None:
+        cuda_graphs = device.type == "cuda"
+    elif cuda_graphs and device.type != "cuda":
+        raise ValueError(f"cuda_graphs=True needs a model on a CUDA device, got {device}")
     gen = torch.Generator(device=device).manual_seed(seed)
     if prompt is not None:
         prompt_tokens = quantizer.encode(prompt.to(device)).reshape(-1)            # interleaved
@@ -72,35 +218,57 @@ def generate_audio(model: SaShiMi, frames: int, batch: int, quantizer: Quantizer
     n_total = frames * C + (0 if emit_prompt else C)
     if n_prompt > n_total:
         raise UserError(f"the prompt ({n_prompt // C} frames) is longer than the requested length ({frames} frames)")
+    if n_prompt == 0:
+        raise UserError("the prompt holds no audio")
     tokens = torch.empty(batch, n_total, dtype=torch.long, device=device)
     tokens[:, :n_prompt] = start
     loglik = torch.zeros(batch, dtype=torch.float64, device=device)
 
     was_training = model.training
     model.eval()
-    model.setup_step()
-    state = model.default_state(batch)
-    from tqdm.auto import tqdm
-    bar = tqdm(total=n_total - 1, disable=not progress, unit="tok", dynamic_ncols=True, mininterval=0.5)
-    t0 = time.perf_counter()
-    for t in range(n_total - 1):
-        with nvtx_range("sashimi/generate/step"):
-            out = model.step(tokens[:, t], state, t)
-            if t + 1 >= n_prompt:  # prompt tokens are only consumed
-                nxt, logp = model.head.sample(out, temperature, top_p, generator=gen)
-                tokens[:, t + 1] = nxt
-                loglik += logp.double()
-        if progress and (t % 256 == 255 or t == n_total - 2):
-            elapsed = time.perf_counter() - t0
-            sps = (t + 1) / C / elapsed
-            bar.set_postfix(samples_s=f"{sps:,.0f}", realtime=f"{sps / cfg.sample_rate:.3f}x")
-            bar.update(t + 1 - bar.n)
-    bar.close()
-    model.train(was_training)
+    try:
+        if n_prompt < n_total:
+            model.setup_step()
+            # the prompt is the same for every sample: consume it once, copy the state
+            state, out = _consume_prompt(model, start[:1], use_prefill)
+            state = _map_state(lambda s: s.expand(batch, *s.shape[1:]).contiguous(), state)
+            sampler = StepSampler(model, state, tokens, loglik, n_prompt, temperature, top_p, gen)
+            sampler.sample(out.expand(batch, *out.shape[1:]).contiguous())        # token n_prompt
+            t0, t1 = n_prompt, n_total - 1
+            graphs = None
+            if cuda_graphs and t1 > t0:
+                phases = [t % sampler.period for t in range(t0, min(t1, t0 + sampler.period))]
+                graphs = capture_step_graphs(sampler, phases)
+            _generate_steps(sampler, t0, t1, graphs, batch, C, cfg.sample_rate, progress)
+    finally:
+        model.train(was_training)
     if not emit_prompt:
         tokens = tokens[:, C:]
     audio = quantizer.decode(tokens.view(batch, -1, C)).float().cpu()
     return audio, (loglik / math.log(2)).cpu()
+
+
+def _generate_steps(sampler, t0, t1, graphs, batch, C, rate, progress):
+    """run_steps with a progress bar (samples/s over the batch, real-time factor per stream)."""
+    from tqdm.auto import tqdm
+    bar = tqdm(total=t1 - t0 + 1, disable=not progress, unit="tok", dynamic_ncols=True, mininterval=0.5)
+    bar.update(1)                                   # the token sampled from the prompt's state
+    start = time.perf_counter()
+
+    def show(done: int) -> None:                    # host-side counters only: no device sync
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        fps = done / C / elapsed                    # frames per second, per stream
+        bar.set_postfix(samples_s=f"{batch * fps:,.0f}", realtime=f"{fps / rate:.3f}x")
+        bar.update(done + 1 - bar.n)
+
+    every = 256 if graphs is None else 4096
+    with nvtx_range("sashimi/generate/steps"):
+        run_steps(sampler, t0, t1, graphs, show if progress else None, every)
+    if progress:
+        if sampler.tokens.is_cuda:
+            torch.cuda.synchronize(sampler.tokens.device)
+        show(t1 - t0)
+    bar.close()
 
 
 def write_wav(path, audio: torch.Tensor, sample_rate: int) -> Path:
@@ -135,6 +303,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="output folder (default: <run folder>/samples)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="on CUDA, run the step eagerly instead of replaying CUDA graphs")
     return p.parse_args(argv)
 
 
@@ -164,8 +334,11 @@ def run(args) -> int:
         if prompt.shape[0] == 0:
             raise UserError(f"the prompt {args.prompt} holds no audio")
     frames = int(round(args.seconds * cfg.sample_rate))
-    audio, loglik = generate_audio(model, frames, args.batch, quantizer, args.temperature, args.top_p,
-                                   prompt, args.seed)
+    try:
+        audio, loglik = generate_audio(model, frames, args.batch, quantizer, args.temperature, args.top_p,
+                                       prompt, args.seed, cuda_graphs=False if args.no_cuda_graphs else None)
+    except GraphCaptureError as exc:
+        raise UserError(str(exc)) from None
     out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "samples"
     n_gen = audio.shape[1] * cfg.channels - (prompt.numel() if prompt is not None else 0)
     for i in choose(loglik, args.keep):

@@ -1,0 +1,158 @@
+"""Generation throughput: the SaShiMi model as a recurrence, one interleaved token per step.
+
+One timed call runs STEPS_PER_CALL model steps the way `sashimi.generate.generate_audio` does:
+`out = model.step(token, state, t)` (through `_step`), `token, logp = model.head.sample(out)`, the log-likelihood
+accumulated, on the GPU, state carried over from call to call (the generation simply goes on).
+The model is the paper preset at random init (throughput does not depend on the weights),
+`setup_step()` done once, `default_state(batch)`; fp32, kernel_backend="auto".
+STEPS_PER_CALL (32) is a multiple of the pooling factor (16) times the channels, so every call
+runs each tier its fair share of steps, and every call does the same work.
+
+Batch 1, 16 and 256, mono and stereo; --bench-size small: the tiny preset, batch 1.
+
+Providers (the RUNNERS table): "eager" (one Python call of model.step per token). A provider that
+captures the steps in a CUDA graph is added by writing its runner (same signature as
+`_eager_runner`: returns a callable that runs STEPS_PER_CALL steps) and listing it in RUNNERS;
+the parametrisation, metrics and anchors below need no change.
+
+extra_info (besides bench._common.run's, whose ms_* are per call of STEPS_PER_CALL steps):
+  steps_per_s    interleaved tokens per second, per stream (what design.md's 32,000 target is:
+                 16 kHz stereo in real time)
+  samples_per_s  audio frames per second over the whole batch = batch x steps_per_s / channels
+                 (a stereo frame is 2 interleaved tokens): anchors.md's "samples/s"
+  us_per_step, realtime_factor (frames/s per stream / sample rate)
+  anchor_samples_per_s  the public SaShiMi ("diagonal" recurrence, mono, paper config): 248 at
+                 batch 1, 3,318 at 16, 44,404 at 256; recorded for the mono paper cases only
+  target_steps_per_s (batch 1: 32,000) and target_samples_per_s (batch 256: 2,000,000)
+
+The helpers `_step` (model.step with or without the step index t) and `make_generation_loop`
+are shared with profiles/torch_profile.py.
+"""
+from __future__ import annotations
+
+import functools
+import gc
+import inspect
+
+import pytest
+import torch
+
+from bench._common import run
+from kernels._utils import nvtx_range
+from sashimi.model import PRESETS, ModelConfig, SaShiMi
+from sashimi.quantize import Quantizer
+
+OP = "generation"
+BATCHES = (1, 16, 256)
+CHANNELS = {"mono": 1, "stereo": 2}
+STEPS_PER_CALL = 32   # two cycles of the pooled tiers in stereo; few enough that do_bench gets
+                      # several samples of an eager call (~1 ms/step would be 32 ms a call)
+SMALL_PRESET = "tiny"
+ANCHOR_SAMPLES_PER_S = {1: 248.0, 16: 3318.0, 256: 44404.0}     # anchors.md, mono
+TARGET_STEPS_PER_S = {1: 32000.0}                                # design.md
+TARGET_SAMPLES_PER_S = {256: 2.0e6}                              # design.md
+
+
+@functools.lru_cache(maxsize=None)
+def _accepts_t(step_fn) -> bool:
+    """Whether a model class's step method takes the interleaved step index:
+    step(self, token, state, t). Cached per function (never holds a model)."""
+    try:
+        params = list(inspect.signature(step_fn).parameters.values())[1:]   # drop self
+    except (TypeError, ValueError):
+        return False
+    if any(p.kind == p.VAR_POSITIONAL for p in params) or any(p.name == "t" for p in params):
+        return True
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 3
+
+
+def _step(model, token, state, t: int):
+    """model.step(token, state, t) when the model's step takes the step index, else
+    model.step(token, state) (the API before t was added)."""
+    if _accepts_t(type(model).step):
+        return model.step(token, state, t)
+    return model.step(token, state)
+
+
+def make_model(preset: str, channels: int, device, seed: int = 0,
+               kernel_backend: str | None = None) -> SaShiMi:
+    """A random-init model in eval mode, ready to step (kernel_backend default: 'auto' on
+    CUDA, 'reference' on CPU, as sashimi.generate loads a checkpoint)."""
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    if kernel_backend is None:
+        kernel_backend = "auto" if device.type == "cuda" else "reference"
+    cfg = ModelConfig(**dict(PRESETS[preset], channels=channels, kernel_backend=kernel_backend))
+    model = SaShiMi(cfg).to(device).eval()
+    model.setup_step()
+    return model
+
+
+def make_generation_loop(model: SaShiMi, batch: int, steps: int, seed: int = 0):
+    """A callable that runs `steps` more generation steps (model step + sampling), as
+    generate_audio does, carrying token, state and step index over between calls."""
+    device = model.embedding.weight.device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    state = model.default_state(batch)
+    zero = Quantizer(model.cfg.quantization, model.cfg.bits).zero_token     # silence
+    carry = dict(token=torch.full((batch,), zero, dtype=torch.long, device=device), t=0)
+    loglik = torch.zeros(batch, dtype=torch.float64, device=device)
+
+    @torch.no_grad()
+    def loop():
+        token, t = carry["token"], carry["t"]
+        for _ in range(steps):
+            with nvtx_range("sashimi/generate/step"):
+                out = _step(model, token, state, t)
+                token, logp = model.head.sample(out, generator=gen)
+                loglik.add_(logp.double())
+            t += 1
+        carry["token"], carry["t"] = token, t
+        return token
+
+    return loop
+
+
+def _eager_runner(model: SaShiMi, batch: int):
+    return make_generation_loop(model, batch, STEPS_PER_CALL)
+
+
+RUNNERS = {"eager": _eager_runner}
+
+
+def _params():
+    out = []
+    for preset in ("paper", SMALL_PRESET):
+        for ch in CHANNELS:
+            for B in BATCHES:
+                if preset == SMALL_PRESET and B != 1:
+                    continue
+                for provider in RUNNERS:
+                    out.append(pytest.param(provider, preset, ch, B, id=f"{provider}-{preset}-{ch}-B{B}"))
+    return out
+
+
+@pytest.mark.parametrize("provider,preset,channels,batch", _params())
+def test_bench_generation_fwd(benchmark, bench_size, provider, preset, channels, batch):
+    if (preset == SMALL_PRESET) != (bench_size == "small"):
+        pytest.skip(f"preset {preset} is not in the {bench_size!r} bench size")
+    C = CHANNELS[channels]
+    gc.collect()
+    torch.cuda.empty_cache()
+    model = make_model(preset, C, "cuda")
+    fn = RUNNERS[provider](model, batch)
+    p50 = run(benchmark, fn, op=OP, direction="fwd", provider=provider,
+              shape=dict(B=batch, C=C), dtype="fp32", rounds=10)
+    steps_per_s = STEPS_PER_CALL / (p50 * 1e-3)
+    samples_per_s = batch * steps_per_s / C
+    paper = preset == "paper"
+    benchmark.group = f"{OP}-{preset}-B{batch}-C{C}"
+    benchmark.extra_info.update(
+        preset=preset, batch=batch, channels=C, steps_per_call=STEPS_PER_CALL,
+        steps_per_s=steps_per_s, samples_per_s=samples_per_s, us_per_step=p50 * 1e3 / STEPS_PER_CALL,
+        realtime_factor=steps_per_s / C / model.cfg.sample_rate,
+        anchor_samples_per_s=ANCHOR_SAMPLES_PER_S.get(batch) if paper and C == 1 else None,
+        target_steps_per_s=TARGET_STEPS_PER_S.get(batch) if paper else None,
+        target_samples_per_s=TARGET_SAMPLES_PER_S.get(batch) if paper else None,
+    )

@@ -24,14 +24,17 @@ def git_sha() -> str:
 
 
 def run(benchmark, fn, *, op: str, direction: str, provider: str, shape: dict, dtype: str,
-        flops: float | None = None, nbytes: float | None = None, rounds: int = 20) -> float:
-    """Time `fn` (a GPU callable) and record it. Returns the do_bench median in ms."""
+        flops: float | None = None, nbytes: float | None = None, rounds: int = 20,
+        rep_ms: int = 300) -> float:
+    """Time `fn` (a GPU callable) and record it. Returns the do_bench median in ms.
+    rep_ms: do_bench's measuring time; raise it for long calls (a training step) so the
+    median has enough samples for the regression gate."""
     import triton
     import triton.testing
 
     fn()  # compile, autotune
     torch.cuda.synchronize()
-    p50, p20, p80 = triton.testing.do_bench(fn, warmup=50, rep=300, quantiles=[0.5, 0.2, 0.8])
+    p50, p20, p80 = triton.testing.do_bench(fn, warmup=50, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
     shape_str = "-".join(f"{k}{v}" for k, v in shape.items())
     benchmark.group = f"{op}-{direction}-{shape_str}"
     seconds = p50 * 1e-3

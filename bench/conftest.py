@@ -22,3 +22,12 @@ def pytest_addoption(parser):
 @pytest.fixture(scope="session")
 def bench_size(request) -> str:
     return request.config.getoption("--bench-size")
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """GPU and library versions in the JSON's machine_info (bench.compare refuses other GPUs)."""
+    import triton
+    machine_info["torch"] = torch.__version__
+    machine_info["triton"] = triton.__version__
+    if torch.cuda.is_available():
+        machine_info["gpu_name"] = torch.cuda.get_device_name()

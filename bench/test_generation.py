@@ -143,7 +143,7 @@ def test_bench_generation_fwd(benchmark, bench_size, provider, preset, channels,
     model = make_model(preset, C, "cuda")
     fn = RUNNERS[provider](model, batch)
     p50 = run(benchmark, fn, op=OP, direction="fwd", provider=provider,
-              shape=dict(B=batch, C=C), dtype="fp32", rounds=10)
+              shape=dict(B=batch, C=C), dtype="fp32", rounds=10, rep_ms=2000)
     steps_per_s = STEPS_PER_CALL / (p50 * 1e-3)
     samples_per_s = batch * steps_per_s / C
     paper = preset == "paper"

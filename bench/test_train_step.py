@@ -131,7 +131,7 @@ def test_bench_train_step_fwdbwd(benchmark, bench_size, provider, shape_name, pr
         peak_gib = torch.cuda.max_memory_allocated() / 2**30
 
         p50 = run(benchmark, step, op=OP, direction="fwdbwd", provider=provider,
-                  shape=dict(B=B, L=L, C=C), dtype=precision, rounds=10)
+                  shape=dict(B=B, L=L, C=C), dtype=precision, rounds=10, rep_ms=2000)
         tokens_per_s = tokens / (p50 * 1e-3)
         paper = preset == "paper"
         anchor = paper and C == 1

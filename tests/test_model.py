@@ -188,3 +188,22 @@ def test_pool_schedule_is_static():
     assert [m.backbone.phases(t) for t in (0, 3, 4, 15, 16, 31)] == [[0, 0], [3, 0], [0, 1], [3, 3], [0, 0], [3, 3]]
     state = m.default_state(2)
     assert all(torch.is_tensor(s) for s in state["down"] + state["up"])
+
+
+@pytest.mark.interpreter
+def test_whole_model_compiles_fullgraph(triton_device):
+    """torch.compile(fullgraph=True) traces the training loss through every custom op
+    (embed_interleave, cauchy, ...): the public S4 does not compile at all."""
+    torch.manual_seed(7)
+    cfg = ModelConfig(**dict(PRESETS["tiny"], d_model=8, n_layers=1, d_state=4, seq_len=32, channels=2,
+                             kernel_backend="triton"))
+    m = SaShiMi(cfg).to(triton_device)
+    batch = torch.randint(0, 256, (1, 33, 2), device=triton_device)
+    compiled = torch.compile(lambda b: m.nll_bits(b).mean(), fullgraph=True, backend="aot_eager")
+    loss = compiled(batch)
+    grads = torch.autograd.grad(loss, [m.embedding.weight, m.backbone.center[0].layer.C])
+    eager = m.nll_bits(batch).mean()
+    eager_grads = torch.autograd.grad(eager, [m.embedding.weight, m.backbone.center[0].layer.C])
+    assert torch.allclose(loss, eager, rtol=1e-6)
+    for a, b in zip(grads, eager_grads):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -28,7 +28,8 @@ How (every tier of the backbone runs over its whole sequence at once):
   The state is kept in real form [Re x, Im x] (the step is real-linear in the half state that
   holds one of each conjugate pair). A last partial block (T_i mod b steps) gets its outputs
   from the same formula and its state from r < b plain steps.
-  Operators are built once per layer and cached until the next `setup_step()`.
+  Operators are built once per layer (one batched run of b steps) and cached while the
+  layer's step factors stay the same. A sequence shorter than b is simply stepped.
 
 The only sequential work is T_i / b small matmuls per S4 layer (and r < b steps for the tail).
 The convolution (`model.forward`) is not used: it needs T <= l_max and T a multiple of
@@ -36,6 +37,7 @@ prod(pool), and matches the step only to ~1e-5; this scan is the recurrence itse
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass
 
@@ -64,6 +66,15 @@ class BlockOps:
 _CACHE: "weakref.WeakKeyDictionary[S4Layer, dict]" = weakref.WeakKeyDictionary()
 
 
+def _same_step(a: dict, b: dict) -> bool:
+    """Whether two setup_step() results hold the same factors (setup_step rebuilds them)."""
+    if a is b:
+        return True
+    if a.keys() != b.keys():
+        return False
+    return all((torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k]) for k in a)
+
+
 def _step128(layer: S4Layer):
     """The layer's own step (its `setup_step()` factors) in complex128, kernels.reference math."""
     s = layer._step
@@ -77,7 +88,7 @@ def _step128(layer: S4Layer):
 
 
 @torch.no_grad()
-def block_ops(layer: S4Layer, block: int = 64, dtype: torch.dtype = torch.float32) -> BlockOps:
+def block_ops(layer: S4Layer, block: int = 128, dtype: torch.dtype = torch.float32) -> BlockOps:
     """The block operators of `layer` for block size `block` (cached until the next setup_step)."""
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
@@ -86,29 +97,28 @@ def block_ops(layer: S4Layer, block: int = 64, dtype: torch.dtype = torch.float3
     per_layer = _CACHE.setdefault(layer, {})
     key = (block, dtype)
     hit = per_layer.get(key)
-    if hit is not None and hit[0] is layer._step:
+    if hit is not None and _same_step(hit[0], layer._step):
+        per_layer[key] = (layer._step, hit[1])
         return hit[1]
     step = _step128(layer)
     dev = layer._step["dA"].device
     H, N = layer._step["dA"].shape
     b = block
-    # impulse response: outputs K_k (with D at k = 0) and states V_k = A^k B_bar
-    x = torch.zeros(1, H, N, dtype=torch.complex128, device=dev)
-    K = torch.empty(b, H, dtype=torch.float64, device=dev)
-    V = torch.empty(b, H, N, dtype=torch.complex128, device=dev)
-    one, zero = torch.ones(1, H, dtype=torch.float64, device=dev), torch.zeros(1, H, dtype=torch.float64, device=dev)
-    for k in range(b):
-        K[k] = step(x, one if k == 0 else zero)[0]
-        V[k] = x[0]
-    # the 2N real basis states (e_n, i e_n) run with zero input: outputs O_k and A^b
-    X = torch.zeros(2 * N, H, N, dtype=torch.complex128, device=dev)
+    # one batch of 1 + 2N runs of b steps: row 0 a unit impulse from the zero state (outputs
+    # K_k with D at k = 0, states V_k = A^k B_bar); rows 1 + m the real basis states (e_n,
+    # i e_n) with zero input (outputs O_k, final states A^b)
+    X = torch.zeros(1 + 2 * N, H, N, dtype=torch.complex128, device=dev)
     n = torch.arange(N, device=dev)
-    X[n, :, n] = 1.0
-    X[N + n, :, n] = 1j
-    O = torch.empty(b, 2 * N, H, dtype=torch.float64, device=dev)
-    zeros = torch.zeros(2 * N, H, dtype=torch.float64, device=dev)
+    X[1 + n, :, n] = 1.0
+    X[1 + N + n, :, n] = 1j
+    u = torch.zeros(b, 1 + 2 * N, H, dtype=torch.float64, device=dev)
+    u[0, 0] = 1.0
+    Y = torch.empty(b, 1 + 2 * N, H, dtype=torch.float64, device=dev)
+    V = torch.empty(b, H, N, dtype=torch.complex128, device=dev)
     for k in range(b):
-        O[k] = step(X, zeros)
+        Y[k] = step(X, u[k])
+        V[k] = X[0]
+    K, O, X = Y[:, 0], Y[:, 1:], X[1:]
     realify = lambda z: torch.cat([z.real, z.imag], -1)               # complex (..., N) -> (..., 2N)
     i = torch.arange(b, device=dev)
     lag = i[:, None] - i[None, :]
@@ -127,34 +137,56 @@ def block_ops(layer: S4Layer, block: int = 64, dtype: torch.dtype = torch.float3
 
 
 @torch.no_grad()
-def s4_prefill(layer: S4Layer, u: torch.Tensor, block: int = 64, dtype: torch.dtype = torch.float32):
+def s4_prefill(layer: S4Layer, u: torch.Tensor, block: int = 128, dtype: torch.dtype = torch.float32):
     """Run the recurrence of `layer` over u (B, H, T) from a zero state, block-parallel.
 
     Returns (y (B, H, T) float32: the step's pre-activation outputs 2 Re(C x_t) + D u_t, and the
     state after the last step: complex64 (B, H, N), as `layer.step` leaves it).
     """
-    ops = block_ops(layer, block, dtype)
     B, H, T = u.shape
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    if T < block:   # shorter than one block: the layer's own step, in complex128
+        step = _step128(layer)
+        x = torch.zeros(B, H, layer.N, dtype=torch.complex128, device=u.device)
+        y = torch.stack([step(x, u[:, :, t].double()) for t in range(T)], -1) if T else u.new_zeros(B, H, 0)
+        return y.float(), x.to(torch.complex64)
+    ops = block_ops(layer, block, dtype)
     N, b = ops.N, ops.block
     nb, r = divmod(T, b)
     nt = nb + (r > 0)
-    U = F.pad(u.to(dtype), (0, nt * b - T)).view(B, H, nt, b)
-    y = torch.einsum("hkj,bhsj->bhsk", ops.toeplitz, U)
-    W = torch.einsum("bhsj,hjm->hsbm", U[:, :, :nb], ops.inject)      # (H, nb, B, 2N)
-    x = torch.zeros(H, B, 2 * N, dtype=dtype, device=u.device)
-    starts = []
-    for s in range(nt):
-        starts.append(x)
-        if s < nb:
-            x = torch.baddbmm(W[:, s], x, ops.transition)
-    xs = torch.stack(starts, 1)                                          # (H, nt, B, 2N)
-    y = y + torch.einsum("hsbm,hkm->bhsk", xs, ops.observe)
+    with _exact_fp32_matmul():
+        U = F.pad(u.to(dtype), (0, nt * b - T)).view(B, H, nt, b)
+        y = torch.einsum("hkj,bhsj->bhsk", ops.toeplitz, U)
+        W = torch.einsum("bhsj,hjm->hsbm", U[:, :, :nb], ops.inject)      # (H, nb, B, 2N)
+        x = torch.zeros(H, B, 2 * N, dtype=dtype, device=u.device)
+        starts = []
+        for s in range(nt):
+            starts.append(x)
+            if s < nb:
+                x = torch.baddbmm(W[:, s], x, ops.transition)
+        xs = torch.stack(starts, 1)                                          # (H, nt, B, 2N)
+        y = y + torch.einsum("hsbm,hkm->bhsk", xs, ops.observe)
     y = y.reshape(B, H, nt * b)[..., :T].float()
     # x: the state at the start of the last (partial) block, or after the last full block
     xc = torch.complex(x[..., :N].double(), x[..., N:].double()).permute(1, 0, 2).contiguous()
     for k in range(r):
         ops.step(xc, u[:, :, nb * b + k].double())
     return y, xc.to(torch.complex64)
+
+
+@contextlib.contextmanager
+def _exact_fp32_matmul():
+    """The scan's float32 matmuls in full precision even where TF32 was switched on globally."""
+    prev = torch.get_float32_matmul_precision()
+    if prev == "highest":
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(prev)
 
 
 def _s4_residual(res, x: torch.Tensor, state: torch.Tensor, block: int, dtype) -> torch.Tensor:
@@ -215,7 +247,7 @@ def _backbone(bb, x: torch.Tensor, state: dict, block: int, dtype) -> torch.Tens
 
 
 @torch.no_grad()
-def prefill(model: SaShiMi, tokens: torch.Tensor, *, block: int = 64, dtype: torch.dtype = torch.float32,
+def prefill(model: SaShiMi, tokens: torch.Tensor, *, block: int = 128, dtype: torch.dtype = torch.float32,
             return_all: bool = False):
     """The recurrent state after the interleaved prompt `tokens` (B, T), T >= 1, in parallel.
 

@@ -98,3 +98,151 @@ def test_errors_are_one_line(stereo_ckpt, tmp_path, capsys):
         assert generate_main(argv + ["--device", "cpu", "--out", str(tmp_path / "o")]) == 2, argv
         err = capsys.readouterr().err
         assert needle in err and err.startswith("error:") and err.count("\n") == 1, err
+
+
+# --------------------------------------------------------------------------------------------
+# the graph-style step (run eagerly here), prefill in generate_audio, the CUDA graphs (GPU)
+# --------------------------------------------------------------------------------------------
+from sashimi.generate import StepSampler, run_steps  # noqa: E402
+from sashimi.model import PRESETS, ModelConfig, SaShiMi  # noqa: E402
+from sashimi.prefill import prefill  # noqa: E402
+
+
+def _tiny_model(head="categorical", C=2, ssm="dplr", device="cpu", seed=0):
+    torch.manual_seed(seed)
+    backend = "reference" if device == "cpu" else "auto"
+    cfg = ModelConfig(**dict(PRESETS["tiny"], seq_len=64, channels=C, head=head, ssm=ssm,
+                             kernel_backend=backend, sample_rate=8000))
+    return SaShiMi(cfg).to(device).eval()
+
+
+def _simple_loop(model, state, first_out, prompt_len, n_total, temperature, top_p, seed):
+    """The plain reference: model.step + head.sample, token by token, host-side indexing."""
+    B = first_out.shape[0]
+    gen = torch.Generator(device=first_out.device).manual_seed(seed)
+    toks = torch.zeros(B, n_total, dtype=torch.long, device=first_out.device)
+    ll = torch.zeros(B, dtype=torch.float64, device=first_out.device)
+    tok, logp = model.head.sample(first_out, temperature, top_p, generator=gen)
+    toks[:, prompt_len] = tok
+    ll += logp.double()
+    for t in range(prompt_len, n_total - 1):
+        out = model.step(toks[:, t], state, t)
+        tok, logp = model.head.sample(out, temperature, top_p, generator=gen)
+        toks[:, t + 1] = tok
+        ll += logp.double()
+    return toks, ll
+
+
+@pytest.mark.parametrize("head,top_p", [("categorical", 0.9), ("categorical", 1.0), ("dml", 1.0)])
+def test_graph_style_step_equals_simple_loop(head, top_p):
+    """StepSampler (device-side position, in-place buffers: what a CUDA graph captures), run
+    eagerly, gives exactly the tokens and log-likelihoods of the plain loop for the same seed."""
+    m = _tiny_model(head)
+    m.setup_step()
+    prompt = torch.randint(0, 256, (1, 21))
+    n_total, B = 21 + 70, 3
+    with torch.no_grad():
+        state, out = prefill(m, prompt)
+        state = {k: ([[None if s is None else s.expand(B, *s.shape[1:]).contiguous() for s in t] for t in v]
+                     if k == "up_tiers" else [s.expand(B, *s.shape[1:]).contiguous() if s is not None else None
+                                              for s in v]) for k, v in state.items()}
+        out = out.expand(B, -1).contiguous()
+        ref_state = {k: ([[None if s is None else s.clone() for s in t] for t in v] if k == "up_tiers"
+                         else [None if s is None else s.clone() for s in v]) for k, v in state.items()}
+        ref_toks, ref_ll = _simple_loop(m, ref_state, out, 21, n_total, 0.8, top_p, seed=3)
+
+        tokens = torch.zeros(B, n_total, dtype=torch.long)
+        loglik = torch.zeros(B, dtype=torch.float64)
+        sampler = StepSampler(m, state, tokens, loglik, 21, 0.8, top_p, torch.Generator().manual_seed(3))
+        sampler.sample(out)
+        run_steps(sampler, 21, n_total - 1)
+    assert torch.equal(tokens[:, 21:], ref_toks[:, 21:])
+    assert torch.equal(loglik, ref_ll)
+    assert sampler.pos.item() == n_total
+    assert len(set(tokens[:, 21:].flatten().tolist())) > 5  # not a constant
+
+
+@pytest.mark.parametrize("with_prompt", [False, True])
+def test_generate_audio_is_prefill_plus_the_loop(with_prompt):
+    """generate_audio = prefill of the prompt (or of the silent start frame) + the plain loop."""
+    m = _tiny_model("dml", C=2, ssm="diag")
+    q = Quantizer(m.cfg.quantization, m.cfg.bits)
+    C, B, frames = 2, 2, 40
+    p = 0.3 * torch.sin(torch.arange(13 * C, dtype=torch.float32)).view(13, C) if with_prompt else None
+    audio, ll = generate_audio(m, frames, B, q, temperature=0.9, prompt=p, seed=4, progress=False)
+    start = q.encode(p).reshape(1, -1) if with_prompt else torch.full((1, C), q.zero_token)
+    n_prompt = start.shape[1]
+    n_total = frames * C + (0 if with_prompt else C)
+    m.setup_step()
+    with torch.no_grad():
+        state, out = prefill(m, start)
+        state = {k: ([[None if s is None else s.expand(B, *s.shape[1:]).contiguous() for s in t] for t in v]
+                     if k == "up_tiers" else [None if s is None else s.expand(B, *s.shape[1:]).contiguous()
+                                              for s in v]) for k, v in state.items()}
+        toks, ref_ll = _simple_loop(m, state, out.expand(B, -1).contiguous(), n_prompt, n_total, 0.9, 1.0, 4)
+    toks[:, :n_prompt] = start
+    if not with_prompt:
+        toks = toks[:, C:]
+    expected = q.decode(toks.view(B, -1, C)).float()
+    assert audio.shape == (B, frames, C)
+    assert torch.equal(audio, expected)
+    assert torch.allclose(ll, ref_ll / np.log(2), rtol=0, atol=1e-9)
+    # stepping through the prompt instead of prefilling it: the same state up to rounding
+    audio2, ll2 = generate_audio(m, frames, B, q, temperature=1e-4, prompt=p, seed=4, progress=False,
+                                 use_prefill=False)
+    audio3, ll3 = generate_audio(m, frames, B, q, temperature=1e-4, prompt=p, seed=4, progress=False)
+    assert torch.equal(audio2, audio3) and torch.allclose(ll2, ll3, rtol=1e-4)
+
+
+def test_cuda_graphs_need_cuda(stereo_ckpt, tmp_path):
+    m = _tiny_model()
+    q = Quantizer(m.cfg.quantization, m.cfg.bits)
+    with pytest.raises(ValueError, match="CUDA"):
+        generate_audio(m, 10, 1, q, progress=False, cuda_graphs=True)
+    # the flag is accepted (and a no-op) on CPU
+    assert generate_main(["--checkpoint", str(stereo_ckpt), "--seconds", "0.01", "--no-cuda-graphs",
+                          "--out", str(tmp_path), "--device", "cpu"]) == 0
+
+
+# ------------------------------------------------------------------------------ GPU only
+@pytest.mark.gpu
+@pytest.mark.parametrize("head,temperature,top_p", [("categorical", 1.0, 0.95), ("categorical", 1e-4, 1.0),
+                                                    ("dml", 1.0, 1.0)])
+def test_cuda_graphs_equal_eager_gpu(head, temperature, top_p):
+    """Replaying the captured graphs gives the tokens of the eager step for the same seed (the
+    generator is registered with every graph, so it draws the same numbers), a prompt whose
+    length is not a multiple of 16 included."""
+    m = _tiny_model(head, C=2, device="cuda")
+    q = Quantizer(m.cfg.quantization, m.cfg.bits)
+    prompt = 0.2 * torch.sin(torch.arange(2 * 37, dtype=torch.float32) / 5).view(37, 2)
+    for p in (None, prompt):
+        a, la = generate_audio(m, 600, 4, q, temperature, top_p, prompt=p, seed=7, progress=False,
+                               cuda_graphs=True)
+        b, lb = generate_audio(m, 600, 4, q, temperature, top_p, prompt=p, seed=7, progress=False,
+                               cuda_graphs=False)
+        assert torch.equal(a, b)
+        assert torch.allclose(la, lb, rtol=1e-6, atol=1e-6)
+        assert torch.isfinite(la).all() and (la < 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset,batch", [("tiny", 1), ("paper", 1), ("paper", 256)])
+def test_cuda_graph_throughput_gpu(preset, batch):
+    """Steps per second, CUDA graphs vs eager (printed; run with -s). Graphs must win."""
+    import time
+    torch.manual_seed(0)
+    m = SaShiMi(ModelConfig(**dict(PRESETS[preset], channels=2))).cuda().eval()
+    q = Quantizer(m.cfg.quantization, m.cfg.bits)
+    frames = 2000
+    rates = {}
+    for graphs in (True, False):
+        generate_audio(m, 40, batch, q, progress=False, cuda_graphs=graphs)        # warm
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        generate_audio(m, frames, batch, q, progress=False, cuda_graphs=graphs)
+        torch.cuda.synchronize()
+        rates[graphs] = frames * 2 / (time.perf_counter() - t0)
+    print(f"\n{preset} stereo batch {batch}: CUDA graphs {rates[True]:,.0f} steps/s "
+          f"({rates[True] * batch / 2:,.0f} samples/s), eager {rates[False]:,.0f} steps/s "
+          f"(includes prefill, warm-up and capture)")
+    assert rates[True] > rates[False]

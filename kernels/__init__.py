@@ -13,6 +13,7 @@ from kernels.cauchy import cauchy
 from kernels.dplr_step import dplr_step
 from kernels.embed_interleave import embed_interleave
 from kernels.ssm_step import ssm_step
+from kernels.tier_step import tier_step
 from kernels.vandermonde import vandermonde
 
-__all__ = ["cauchy", "vandermonde", "embed_interleave", "ssm_step", "dplr_step", "reference"]
+__all__ = ["cauchy", "vandermonde", "embed_interleave", "ssm_step", "dplr_step", "tier_step", "reference"]

@@ -121,3 +121,43 @@ def dplr_step(state: torch.Tensor, u: torch.Tensor, dA: torch.Tensor, dB: torch.
     b = _pair_inner(W, z)                                      # (B, r, H)
     state.copy_(z - (P.unsqueeze(0) * b.unsqueeze(-1)).sum(1))
     return 2 * (C * state).sum(dim=-1).real + D * u
+
+
+def tier_step(x: torch.Tensor, state: torch.Tensor, params: dict, ssm: str) -> torch.Tensor:
+    """One generation time step of a whole tier of SaShiMi residual blocks, updating `state` in place.
+
+    For l = 0 .. n_layers-1 (layer l's S4 state is the view state[l]):
+        x = x + glu(s4_out_w[l] @ gelu(S4 step of LayerNorm(x; s4_norm_w[l], s4_norm_b[l])) + s4_out_b[l])
+        if the tier has FF blocks (params has ff_w1):
+            x = x + ff_w2[l] @ gelu(ff_w1[l] @ LayerNorm(x; ff_norm_w[l], ff_norm_b[l]) + ff_b1[l]) + ff_b2[l]
+    with the S4 step `ssm_step` (ssm="diag": dA, dB, C, D) or `dplr_step` (ssm="dplr": also P, Q, W),
+    LayerNorm eps 1e-5, exact (erf) GELU, glu over the last dim (z[:H] * sigmoid(z[H:])).
+
+    x: real (B, H); state: complex (n_layers, B, H, N); params (stacked over layers): s4_norm_w,
+    s4_norm_b (n, H); dA, dB, C complex (n, H, N); D (n, H); P, Q, W complex (n, r, H, N) for dplr;
+    s4_out_w (n, 2H, H); s4_out_b (n, 2H); optionally ff_norm_w, ff_norm_b (n, H), ff_w1 (n, F, H),
+    ff_b1 (n, F), ff_w2 (n, H, F), ff_b2 (n, H). Computed in float32 (float64 if x is float64 or the
+    state complex128); complex params are cast to the state's dtype. Returns x (B, H) (without the
+    tier's outer skip).
+    """
+    import torch.nn.functional as F
+
+    real = torch.float64 if torch.float64 in (x.dtype, state.real.dtype) else torch.float32
+    p = {k: v.to(state.dtype if v.is_complex() else real) for k, v in params.items() if v is not None}
+    x = x.to(real)
+    H = x.shape[-1]
+    for l in range(state.shape[0]):
+        h = F.layer_norm(x, (H,), p["s4_norm_w"][l], p["s4_norm_b"][l], eps=1e-5)
+        if ssm == "diag":
+            y = ssm_step(state[l], h, p["dA"][l], p["dB"][l], p["C"][l], p["D"][l])
+        elif ssm == "dplr":
+            y = dplr_step(state[l], h, p["dA"][l], p["dB"][l], p["C"][l], p["D"][l],
+                          p["P"][l], p["Q"][l], p["W"][l])
+        else:
+            raise ValueError(f"tier_step: ssm must be 'diag' or 'dplr', got {ssm!r}")
+        x = x + F.glu(F.linear(F.gelu(y), p["s4_out_w"][l], p["s4_out_b"][l]), dim=-1)
+        if "ff_w1" in p:
+            h = F.layer_norm(x, (H,), p["ff_norm_w"][l], p["ff_norm_b"][l], eps=1e-5)
+            h = F.gelu(F.linear(h, p["ff_w1"][l], p["ff_b1"][l]))
+            x = x + F.linear(h, p["ff_w2"][l], p["ff_b2"][l])
+    return x

@@ -125,9 +125,32 @@ def check_dplr_step(device, g):
     return _check_step("dplr_step", device, g, 1)
 
 
+def check_tier_step(device, g):
+    """Two S4 + FF residual blocks (DPLR, rank 1) stepped 6 times, against complex128."""
+    import kernels
+    n, Bt, H, N, F = 2, 2, 5, 4, 10
+    layers = [_step_constants(g, "cpu", H, N, 1) for _ in range(n)]
+    p = {k: torch.stack([lay[i] for lay in layers]) for i, k in enumerate(["dA", "dB", "C", "D", "P", "Q", "W"])}
+    rnd = lambda *shape: 0.3 * torch.randn(*shape, generator=g)
+    p.update(s4_norm_w=1 + rnd(n, H), s4_norm_b=rnd(n, H), s4_out_w=rnd(n, 2 * H, H), s4_out_b=rnd(n, 2 * H),
+             ff_norm_w=1 + rnd(n, H), ff_norm_b=rnd(n, H), ff_w1=rnd(n, F, H), ff_b1=rnd(n, F),
+             ff_w2=rnd(n, H, F), ff_b2=rnd(n, H))
+    p64 = {k: v.to(torch.complex128 if v.is_complex() else torch.float64) for k, v in p.items()}
+    p = {k: v.to(device).contiguous() for k, v in p.items()}
+    state = torch.zeros(n, Bt, H, N, dtype=torch.complex64, device=device)
+    state_ref = torch.zeros(n, Bt, H, N, dtype=torch.complex128)
+    err = 0.0
+    for _ in range(6):
+        x = torch.randn(Bt, H, generator=g)
+        y = kernels.tier_step(x.to(device), state, p, "dplr")
+        y_ref = reference.tier_step(x.double(), state_ref, p64, "dplr")
+        err = max(err, _rel(y, y_ref), _rel(state, state_ref))
+    return err, 1e-4
+
+
 CHECKS = [("cauchy", check_cauchy), ("vandermonde", check_vandermonde),
           ("embed_interleave", check_embed_interleave), ("ssm_step", check_ssm_step),
-          ("dplr_step", check_dplr_step)]
+          ("dplr_step", check_dplr_step), ("tier_step", check_tier_step)]
 
 
 def main() -> int:

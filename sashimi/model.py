@@ -248,13 +248,49 @@ class Backbone(nn.Module):
                 x = x + skip
         return self.norm(x)
 
+    def _tiers(self) -> list[nn.ModuleList]:
+        return [self.center, *self.up_tiers]
+
     def default_state(self, batch, device=None):
+        """Pool buffers, and per tier ONE stacked S4 state (n_s4_layers, B, H, N) complex64:
+        layer k's state is its view [k] (what `kernels.tier_step` updates in one launch)."""
+        def tier_state(tier):
+            s4 = [m.layer for m in tier if isinstance(m.layer, S4Layer)]
+            return torch.zeros(len(s4), batch, s4[0].H, s4[0].N, dtype=torch.complex64, device=device)
         return dict(
             down=[p.default_state(batch, device) for p in self.down],
-            center=[layer.default_state(batch, device) for layer in self.center],
+            center=tier_state(self.center),
             up=[p.default_state(batch, device) for p in self.up],
-            up_tiers=[[layer.default_state(batch, device) for layer in tier] for tier in self.up_tiers],
+            up_tiers=[tier_state(tier) for tier in self.up_tiers],
         )
+
+    @staticmethod
+    def layer_states(tier: nn.ModuleList, stacked: torch.Tensor) -> list:
+        """Per-layer states of a tier: views of the stacked S4 state, None for FF blocks."""
+        out, k = [], 0
+        for m in tier:
+            if isinstance(m.layer, S4Layer):
+                out.append(stacked[k])
+                k += 1
+            else:
+                out.append(None)
+        return out
+
+    def pack_step_params(self) -> None:
+        """Stack every tier's step constants and weights for `kernels.tier_step` (after the
+        S4 layers' setup_step; again after any weight change)."""
+        self._packed = [pack_tier(tier) for tier in self._tiers()]
+
+    def _tier_step(self, i: int, x: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
+        tier = self._tiers()[i]
+        packed = getattr(self, "_packed", None)
+        if packed is None:  # module by module
+            for layer, s in zip(tier, self.layer_states(tier, stacked)):
+                x = layer.step(x, s)
+            return x
+        params, ssm = packed[i]
+        backend = next(m.layer for m in tier if isinstance(m.layer, S4Layer)).kernel_backend
+        return kernels.tier_step(x, stacked, params, ssm, backend=backend)
 
     def phases(self, t: int) -> list[int]:
         """Slot of step t in each pool's block, finest first: tier i runs when every pool
@@ -277,19 +313,14 @@ class Backbone(nn.Module):
             skips.append(x)
         n = len(self.down)
         if x is not None:
-            for layer, s in zip(self.center, state["center"]):
-                x = layer.step(x, s)
-            x = x + skips.pop()
+            x = self._tier_step(0, x, state["center"]) + skips.pop()
             first = 0
         else:  # tiers above len(skips) - 1 did not run: their UpPools replay buffered outputs
             first = n - len(skips)
         for j in range(first, n):
             tier = n - 1 - j  # the tier this UpPool feeds
             x = self.up[j].step(x, state["up"][j], phases[tier]) + skips.pop()
-            skip = x
-            for layer, s in zip(self.up_tiers[j], state["up_tiers"][j]):
-                x = layer.step(x, s)
-            x = x + skip
+            x = self._tier_step(1 + j, x, state["up_tiers"][j]) + x
         return self.norm(x)
 
 
@@ -434,10 +465,16 @@ class SaShiMi(nn.Module):
 
     # -- generation -------------------------------------------------------------------------
     @torch.no_grad()
-    def setup_step(self) -> None:
+    def setup_step(self, fused: bool = True) -> None:
+        """Prepare the recurrence: every S4 layer's exact step, and (fused=True) each tier's
+        stacked weights so that one `kernels.tier_step` launch runs a whole tier."""
         for m in self.modules():
             if isinstance(m, S4Layer):
                 m.setup_step()
+        if fused:
+            self.backbone.pack_step_params()
+        else:
+            self.backbone._packed = None
 
     def default_state(self, batch: int, device=None):
         device = self.embedding.weight.device if device is None else device
@@ -464,6 +501,29 @@ def ordinal_embedding(levels: int, d: int, bandwidth_tokens: float = 3.0) -> tor
     freq = torch.randn(1, d, generator=g, dtype=torch.float64) / bandwidth_tokens
     phase = torch.rand(1, d, generator=g, dtype=torch.float64) * 2 * math.pi
     return (torch.cos(a * freq + phase) * math.sqrt(2.0 / d)).float()
+
+
+def pack_tier(tier: nn.ModuleList) -> tuple[dict, str]:
+    """The stacked parameters `kernels.tier_step` takes for a tier ([Residual(S4Layer),
+    Residual(FeedForward)] x n, or S4 blocks only when ff = 0), after setup_step()."""
+    s4 = [m for m in tier if isinstance(m.layer, S4Layer)]
+    ff = [m for m in tier if isinstance(m.layer, FeedForward)]
+    steps = [m.layer._step for m in s4]
+    ssm = steps[0]["kind"]
+    keys = ("dA", "dB", "C", "D") + (("P", "Q", "W") if ssm == "dplr" else ())
+    p = {k: torch.stack([st[k] for st in steps]) for k in keys}
+    p.update(s4_norm_w=torch.stack([m.norm.weight for m in s4]),
+             s4_norm_b=torch.stack([m.norm.bias for m in s4]),
+             s4_out_w=torch.stack([m.layer.out.weight for m in s4]),
+             s4_out_b=torch.stack([m.layer.out.bias for m in s4]))
+    if ff:
+        p.update(ff_norm_w=torch.stack([m.norm.weight for m in ff]),
+                 ff_norm_b=torch.stack([m.norm.bias for m in ff]),
+                 ff_w1=torch.stack([m.layer.lin1.weight for m in ff]),
+                 ff_b1=torch.stack([m.layer.lin1.bias for m in ff]),
+                 ff_w2=torch.stack([m.layer.lin2.weight for m in ff]),
+                 ff_b2=torch.stack([m.layer.lin2.bias for m in ff]))
+    return {k: v.detach().contiguous() for k, v in p.items()}, ssm
 
 
 def build_model(cfg: ModelConfig) -> SaShiMi:

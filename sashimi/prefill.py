@@ -33,7 +33,9 @@ How (every tier of the backbone runs over its whole sequence at once):
 
 The only sequential work is T_i / b small matmuls per S4 layer (and r < b steps for the tail).
 The convolution (`model.forward`) is not used: it needs T <= l_max and T a multiple of
-prod(pool), and matches the step only to ~1e-5; this scan is the recurrence itself, reordered.
+prod(pool), and agrees with the step only to the ~1e-5 of an fp32 FFT; this scan is the
+recurrence itself, reordered (measured: states and outputs within ~2e-6 of token-by-token
+stepping, 32,000 tokens). On CPU it is ~200x faster than stepping (tiny preset, 2 s at 16 kHz).
 """
 from __future__ import annotations
 
@@ -206,7 +208,7 @@ def _run_tier(layers, states, x: torch.Tensor, block: int, dtype) -> torch.Tenso
         elif s is None:
             x = res(x)                                  # stateless (FeedForward): its forward
         else:
-            raise NotImplementedError(f"prefill: no parallel form for {type(res.layer).__name__}")
+            raise TypeError(f"prefill: a stateful {type(res.layer).__name__} block has no parallel form")
     return x
 
 
@@ -229,7 +231,7 @@ def _backbone(bb, x: torch.Tensor, state: dict, block: int, dtype) -> torch.Tens
         Tc = x.shape[1] // pool.pool
         x = pool.linear(x[:, : Tc * pool.pool].reshape(B, Tc, pool.pool * x.shape[-1]))
         skips.append(x)
-    x = _run_tier(bb.center, state["center"], x, block, dtype)
+    x = _run_tier(bb.center, bb.layer_states(bb.center, state["center"]), x, block, dtype)
     x = x + skips.pop()
     for j, (up, tier) in enumerate(zip(bb.up, bb.up_tiers)):
         fine = skips.pop()
@@ -242,7 +244,7 @@ def _backbone(bb, x: torch.Tensor, state: dict, block: int, dtype) -> torch.Tens
             buf.zero_()
         blocks = torch.cat([lin.new_zeros(B, 1, lin.shape[-1]), lin], 1)  # block m from coarse m - 1
         x = blocks.reshape(B, (Tc + 1) * up.pool, up.d_out)[:, :Tf] + fine
-        x = _run_tier(tier, state["up_tiers"][j], x, block, dtype) + x
+        x = _run_tier(tier, bb.layer_states(tier, state["up_tiers"][j]), x, block, dtype) + x
     return bb.norm(x)
 
 

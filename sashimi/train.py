@@ -27,6 +27,7 @@ from torch import nn
 
 from kernels._utils import nvtx_range
 from sashimi import checkpoint
+from sashimi.cli import UserError, run_cli
 from sashimi.checkpoint import CheckpointError
 from sashimi.model import PRESETS, ModelConfig, SaShiMi, count_parameters
 from sashimi.quantize import Quantizer
@@ -55,10 +56,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-class UserError(Exception):
-    """A mistake in the command line or the inputs: printed as one line, exit code 2."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,6 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val-every", type=int, default=None, help="validate every N steps (default 250)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps (default 250)")
     p.add_argument("--sample-every", type=int, default=None, help="write a short sample every N steps (0: never)")
+    p.add_argument("--sample-seconds", type=float, default=None, help="length of those samples (default 1.0)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the training step (GPU)")
     return p.parse_args(argv)
 
@@ -116,7 +114,7 @@ def train_config_from_args(args, base: TrainConfig | None = None) -> TrainConfig
     given = dict(data=args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                  precision=args.precision, seed=args.seed, num_workers=args.num_workers,
                  val_every=args.val_every, checkpoint_every=args.checkpoint_every,
-                 sample_every=args.sample_every, compile=args.compile)
+                 sample_every=args.sample_every, sample_seconds=args.sample_seconds, compile=args.compile)
     cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})
     for name in ("steps", "batch_size", "val_every", "checkpoint_every"):
         if getattr(cfg, name) < 1:
@@ -448,12 +446,7 @@ def write_training_sample(model: SaShiMi, out: Path, step: int, seconds: float, 
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_cli(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def test_errors_are_one_line(stereo_ckpt, tmp_path, capsys):
 # --------------------------------------------------------------------------------------------
 # the graph-style step (run eagerly here), prefill in generate_audio, the CUDA graphs (GPU)
 # --------------------------------------------------------------------------------------------
-from sashimi.generate import StepSampler, run_steps  # noqa: E402
+from sashimi.generate import StepSampler, _broadcast_state, _map_state, run_steps  # noqa: E402
 from sashimi.model import PRESETS, ModelConfig, SaShiMi  # noqa: E402
 from sashimi.prefill import prefill  # noqa: E402
 
@@ -143,12 +143,9 @@ def test_graph_style_step_equals_simple_loop(head, top_p):
     n_total, B = 21 + 70, 3
     with torch.no_grad():
         state, out = prefill(m, prompt)
-        state = {k: ([[None if s is None else s.expand(B, *s.shape[1:]).contiguous() for s in t] for t in v]
-                     if k == "up_tiers" else [s.expand(B, *s.shape[1:]).contiguous() if s is not None else None
-                                              for s in v]) for k, v in state.items()}
+        state = _broadcast_state(state, m.default_state(B))
         out = out.expand(B, -1).contiguous()
-        ref_state = {k: ([[None if s is None else s.clone() for s in t] for t in v] if k == "up_tiers"
-                         else [None if s is None else s.clone() for s in v]) for k, v in state.items()}
+        ref_state = _map_state(torch.clone, state)
         ref_toks, ref_ll = _simple_loop(m, ref_state, out, 21, n_total, 0.8, top_p, seed=3)
 
         tokens = torch.zeros(B, n_total, dtype=torch.long)
@@ -176,9 +173,7 @@ def test_generate_audio_is_prefill_plus_the_loop(with_prompt):
     m.setup_step()
     with torch.no_grad():
         state, out = prefill(m, start)
-        state = {k: ([[None if s is None else s.expand(B, *s.shape[1:]).contiguous() for s in t] for t in v]
-                     if k == "up_tiers" else [None if s is None else s.expand(B, *s.shape[1:]).contiguous()
-                                              for s in v]) for k, v in state.items()}
+        state = _broadcast_state(state, m.default_state(B))
         toks, ref_ll = _simple_loop(m, state, out.expand(B, -1).contiguous(), n_prompt, n_total, 0.9, 1.0, 4)
     toks[:, :n_prompt] = start
     if not with_prompt:

@@ -173,3 +173,15 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert "DDP: parameters identical on all 2 ranks" in r.stdout
     assert "batch 4 x 2" in r.stdout
     assert checkpoint.load(out / "checkpoint.pt")["data_position"]["world_size"] == 2
+
+
+def test_sample_every_writes_wavs(tmp_path):
+    import soundfile as sf
+    out = tmp_path / "run"
+    rc = train_main(["--stereo", "--steps", "4", *FAST, "--sample-every", "2", "--sample-seconds", "0.01",
+                     "--sample-rate", "8000", "--out", str(out), "--device", "cpu"])
+    assert rc == 0
+    wavs = sorted((out / "samples").glob("*.wav"))
+    assert [w.name for w in wavs] == ["step0000002.wav", "step0000004.wav"]
+    info = sf.info(str(wavs[0]))
+    assert info.channels == 2 and info.samplerate == 8000 and info.frames == 80

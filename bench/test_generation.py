@@ -10,10 +10,9 @@ runs each tier its fair share of steps, and every call does the same work.
 
 Batch 1, 16 and 256, mono and stereo; --bench-size small: the tiny preset, batch 1.
 
-Providers (the RUNNERS table): "eager" (one Python call of model.step per token). A provider that
-captures the steps in a CUDA graph is added by writing its runner (same signature as
-`_eager_runner`: returns a callable that runs STEPS_PER_CALL steps) and listing it in RUNNERS;
-the parametrisation, metrics and anchors below need no change.
+Providers (the RUNNERS table): "modules" (the eager PyTorch step, module by module), "eager"
+(a Python loop over model.step, each tier one fused kernels.tier_step launch), "graphs"
+(sashimi.generate's CUDA-graph sampler: one graph replay per step).
 
 extra_info (besides bench._common.run's, whose ms_* are per call of STEPS_PER_CALL steps):
   steps_per_s    interleaved tokens per second, per stream (what design.md's 32,000 target is:
@@ -114,11 +113,42 @@ def make_generation_loop(model: SaShiMi, batch: int, steps: int, seed: int = 0):
     return loop
 
 
-def _eager_runner(model: SaShiMi, batch: int):
+def _modules_runner(model: SaShiMi, batch: int):
+    """The eager PyTorch step, module by module (no fused tier kernel): the baseline."""
+    model.setup_step(fused=False)
     return make_generation_loop(model, batch, STEPS_PER_CALL)
 
 
-RUNNERS = {"eager": _eager_runner}
+def _eager_runner(model: SaShiMi, batch: int):
+    """Eager Python loop, each tier one kernels.tier_step launch."""
+    model.setup_step()
+    return make_generation_loop(model, batch, STEPS_PER_CALL)
+
+
+def _graphs_runner(model: SaShiMi, batch: int):
+    """sashimi.generate's CUDA-graph path: one replayed graph per step (16 phase variants),
+    sampling and the likelihood on the GPU, no host sync."""
+    from sashimi.generate import StepSampler, capture_step_graphs, run_steps
+    model.setup_step()
+    device = model.embedding.weight.device
+    n = 1 << 20                                     # token buffer; wraps around (see below)
+    tokens = torch.zeros(batch, n, dtype=torch.long, device=device)
+    loglik = torch.zeros(batch, dtype=torch.float64, device=device)
+    sampler = StepSampler(model, model.default_state(batch), tokens, loglik, 0,
+                          generator=torch.Generator(device=device).manual_seed(0))
+    graphs = capture_step_graphs(sampler)
+    carry = dict(t=0)
+
+    def loop():
+        t = carry["t"]
+        if t + STEPS_PER_CALL >= n:                 # keep the device-side write index in range
+            sampler.pos.zero_()
+        run_steps(sampler, t, t + STEPS_PER_CALL, graphs)
+        carry["t"] = t + STEPS_PER_CALL
+    return loop
+
+
+RUNNERS = {"modules": _modules_runner, "eager": _eager_runner, "graphs": _graphs_runner}
 
 
 def _params():
@@ -156,3 +186,19 @@ def test_bench_generation_fwd(benchmark, bench_size, provider, preset, channels,
         target_steps_per_s=TARGET_STEPS_PER_S.get(batch) if paper else None,
         target_samples_per_s=TARGET_SAMPLES_PER_S.get(batch) if paper else None,
     )
+
+
+@pytest.mark.parametrize("channels", list(CHANNELS))
+def test_bench_prefill_2s_prompt(benchmark, bench_size, channels):
+    """Prefill of a 2-second prompt (paper config, 16 kHz): the state after 32,000 x C tokens
+    computed in parallel (sashimi.prefill), against the 32,000 x C steps it replaces."""
+    from sashimi.prefill import prefill
+    preset = SMALL_PRESET if bench_size == "small" else "paper"
+    C = CHANNELS[channels]
+    model = make_model(preset, C, "cuda")
+    T = 2 * model.cfg.sample_rate * C
+    prompt = torch.randint(0, model.cfg.levels, (1, T), device="cuda")
+    with torch.no_grad():
+        p50 = run(benchmark, lambda: prefill(model, prompt), op="prefill", direction="fwd",
+                  provider="prefill", shape=dict(T=T, C=C), dtype="fp32", rounds=5, rep_ms=2000)
+    benchmark.extra_info.update(preset=preset, prompt_tokens=T, tokens_per_s=T / (p50 * 1e-3))

@@ -279,17 +279,16 @@ class Backbone(nn.Module):
     def pack_step_params(self) -> None:
         """Stack every tier's step constants and weights for `kernels.tier_step` (after the
         S4 layers' setup_step; again after any weight change)."""
-        self._packed = [pack_tier(tier) for tier in self._tiers()]
+        self._packed = [(*pack_tier(tier), tier[0].layer.kernel_backend) for tier in self._tiers()]
 
     def _tier_step(self, i: int, x: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
-        tier = self._tiers()[i]
         packed = getattr(self, "_packed", None)
         if packed is None:  # module by module
+            tier = self._tiers()[i]
             for layer, s in zip(tier, self.layer_states(tier, stacked)):
                 x = layer.step(x, s)
             return x
-        params, ssm = packed[i]
-        backend = next(m.layer for m in tier if isinstance(m.layer, S4Layer)).kernel_backend
+        params, ssm, backend = packed[i]
         return kernels.tier_step(x, stacked, params, ssm, backend=backend)
 
     def phases(self, t: int) -> list[int]:

@@ -31,6 +31,7 @@ from sashimi.cli import UserError, run_cli
 from sashimi.checkpoint import CheckpointError
 from sashimi.model import PRESETS, ModelConfig, SaShiMi, count_parameters
 from sashimi.quantize import Quantizer
+from sashimi.s4 import S4Layer
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -298,6 +299,7 @@ def run(args) -> int:
                             f"{str(exc).splitlines()[0]}") from None
         start_step = saved["step"]
         checkpoint.set_rng_state(saved["rng"])
+    s4_layers = [m for m in model.modules() if isinstance(m, S4Layer)]
     loss_of: nn.Module = LossOf(model)
     if distributed:
         loss_of = nn.parallel.DistributedDataParallel(
@@ -367,9 +369,8 @@ def run(args) -> int:
             with nvtx_range("sashimi/train/optimizer"):
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                for m in model.modules():
-                    if hasattr(m, "clamp_"):
-                        m.clamp_()
+                for layer in s4_layers:
+                    layer.clamp_()
             loss_acc += loss.detach()
             step += 1
             window_steps += 1

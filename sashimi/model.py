@@ -427,27 +427,29 @@ class SaShiMi(nn.Module):
         else:
             self.head = DMLHead(D, V, cfg.n_mixtures)
 
-    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, L, C) -> interleaved embeddings (B, L*C, D), one fused op for C = 1 and 2."""
+    def encode(self, tokens: torch.Tensor, check_tokens: bool = True) -> torch.Tensor:
+        """tokens (B, L, C) -> interleaved embeddings (B, L*C, D), one fused op for C = 1 and 2.
+        check_tokens=False skips the range check (a host sync on CUDA) for callers that have
+        validated the tokens already, as the trainer does on the CPU side of the loader."""
         with nvtx_range("sashimi/model/encoder"):
             out_dtype = torch.get_autocast_dtype(tokens.device.type) if torch.is_autocast_enabled(tokens.device.type) else None
             return kernels.embed_interleave(tokens, self.embedding.weight, out_dtype=out_dtype,
-                                            backend=self.cfg.kernel_backend)
+                                            check=check_tokens, backend=self.cfg.kernel_backend)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, check_tokens: bool = True) -> torch.Tensor:
         """tokens (B, L, C) -> head output (B, L*C, V or 3*n_mixtures); position i predicts i + 1."""
         if tokens.dim() != 3 or tokens.shape[-1] != self.cfg.channels:
             raise ValueError(f"tokens must be (batch, frames, {self.cfg.channels}), got {tuple(tokens.shape)}")
-        x = self.backbone(self.encode(tokens))
+        x = self.backbone(self.encode(tokens, check_tokens))
         with nvtx_range("sashimi/model/head"):
             return self.head(x)
 
-    def nll_bits(self, batch: torch.Tensor) -> torch.Tensor:
+    def nll_bits(self, batch: torch.Tensor, check_tokens: bool = True) -> torch.Tensor:
         """batch: tokens (B, L + 1, C). Returns the NLL of every interleaved target, in bits,
         (B, L*C); the target of position i is interleaved token i + 1, of channel (i + 1) % C."""
         B, L1, C = batch.shape
         L = L1 - 1
-        out = self(batch[:, :L])
+        out = self(batch[:, :L], check_tokens)
         targets = batch.reshape(B, L1 * C)[:, 1: L * C + 1]
         with nvtx_range("sashimi/model/loss"):
             return -self.head.log_prob(out, targets) / LN2

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kernels._utils import nvtx_range
+from kernels.reference import check_tokens
 from sashimi import checkpoint
 from sashimi.cli import UserError, run_cli
 from sashimi.checkpoint import CheckpointError
@@ -186,7 +187,8 @@ class LossOf(nn.Module):
         self.model = model
 
     def forward(self, batch):
-        return self.model.nll_bits(batch)
+        # the trainer checks the token range on the CPU batch (no host sync on the GPU)
+        return self.model.nll_bits(batch, check_tokens=False)
 
 
 @torch.no_grad()
@@ -356,7 +358,9 @@ def run(args) -> int:
     with StopFlag() as stop:
         while step < train_cfg.steps:
             with nvtx_range("sashimi/train/data"):
-                batch = next(batches).to(device, non_blocking=True)
+                batch = next(batches)
+                check_tokens(batch, model_cfg.levels, "training data")
+                batch = batch.to(device, non_blocking=True)
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * lr_factor(step, train_cfg)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=train_cfg.precision == "bf16"):

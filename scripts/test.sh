@@ -17,13 +17,15 @@ run_pytest() {  # pytest's exit code 5 (nothing collected) is not a failure here
 if "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   echo "== kernel and model tests on the GPU"
   run_pytest -q tests "$@"
+  echo "== self-test (Triton on the GPU)"
+  "$PY" -m kernels.selftest
 else
   echo "== kernel tests: Triton code under the interpreter, on CPU"
   TRITON_INTERPRET=1 run_pytest -q -m interpreter --device=cpu tests "$@"
   echo "== model, data, training and generation tests (reference paths, CPU)"
   run_pytest -q -m "not interpreter" --device=cpu tests "$@"
+  echo "== self-test (Triton under the interpreter)"
+  TRITON_INTERPRET=1 "$PY" -m kernels.selftest
 fi
-echo "== self-test"
-TRITON_INTERPRET=${TRITON_INTERPRET:-1} "$PY" -m kernels.selftest
 echo "== benchmarks (skip without a GPU)"
 run_pytest -q bench --benchmark-only -p no:cacheprovider

@@ -68,8 +68,8 @@ MODEL_FLAGS = ("ssm", "bits", "quantization", "head", "seq_len", "sample_rate", 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m sashimi.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # flag defaults are None ("not given", see check_resume_flags); help texts state the real ones
+    p = argparse.ArgumentParser(prog="python -m sashimi.train", description=__doc__.split("\n\n")[0])
     # None defaults: "not given", so --resume can tell a flag that contradicts the checkpoint
     p.add_argument("--stereo", action="store_true", default=None, help="two channels, interleaved L R L R")
     p.add_argument("--data", help="folder of WAV/FLAC/OGG files (searched recursively); default: built-in synthetic stereo music")
@@ -86,9 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="total optimiser steps (default 2000)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (S4's A, B, P, dt use 1e-3)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None, help="bf16: autocast for dense layers, SSM in fp32")
-    p.add_argument("--out", default="runs/sashimi", help="run folder: checkpoint, CSV log, samples")
+    p.add_argument("--out", default="runs/sashimi", help="run folder: checkpoint, CSV log, samples (default runs/sashimi)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=None, help="default 0")
     p.add_argument("--num-workers", type=int, default=None, help="data loader workers (default 2)")
     p.add_argument("--val-every", type=int, default=None, help="validate every N steps (default 250)")

@@ -432,9 +432,9 @@ class SaShiMi(nn.Module):
         check_tokens=False skips the range check (a host sync on CUDA) for callers that have
         validated the tokens already, as the trainer does on the CPU side of the loader."""
         with nvtx_range("sashimi/model/encoder"):
-            out_dtype = torch.get_autocast_dtype(tokens.device.type) if torch.is_autocast_enabled(tokens.device.type) else None
-            return kernels.embed_interleave(tokens, self.embedding.weight, out_dtype=out_dtype,
-                                            check=check_tokens, backend=self.cfg.kernel_backend)
+            # fp32 out even under bf16 autocast: it starts the residual stream, which stays fp32
+            return kernels.embed_interleave(tokens, self.embedding.weight, check=check_tokens,
+                                            backend=self.cfg.kernel_backend)
 
     def forward(self, tokens: torch.Tensor, check_tokens: bool = True) -> torch.Tensor:
         """tokens (B, L, C) -> head output (B, L*C, V or 3*n_mixtures); position i predicts i + 1."""

@@ -117,7 +117,8 @@ def test_weight_tying_stereo():
 
 
 def test_bf16_autocast_matches_fp32():
-    """bf16 autocast for the dense layers (the SSM stays fp32): the loss agrees to 2%."""
+    """bf16 autocast for the dense layers (the SSM and the residual stream stay fp32): the loss
+    agrees to 0.2% (4e-5 seen at this seed)."""
     torch.manual_seed(4)
     m = SaShiMi(tiny(channels=2))
     batch = torch.randint(0, 256, (2, 65, 2))
@@ -125,7 +126,7 @@ def test_bf16_autocast_matches_fp32():
         full = m.nll_bits(batch).mean()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             half = m.nll_bits(batch).float().mean()
-    assert abs(half.item() - full.item()) / full.item() < 0.02
+    assert abs(half.item() - full.item()) / full.item() < 2e-3
 
 
 def test_dml_log_prob_is_normalised():

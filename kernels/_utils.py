@@ -88,3 +88,9 @@ def nvtx_range(name: str):
     if _nvtx is None or torch.compiler.is_compiling():
         return contextlib.nullcontext()
     return _nvtx.annotate(name, domain="sashimi")
+
+
+def device_guard(device: torch.device):
+    """Launch on the tensors' GPU: Triton launches on the *current* CUDA device, which under
+    torchrun or with tensors on cuda:1 is not necessarily theirs."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

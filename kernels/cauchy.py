@@ -45,7 +45,6 @@ them. Conjugate convention: the one of kernels.reference.cauchy, the oracle of t
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 
@@ -54,7 +53,7 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels._utils import (choose_backend, configs, interpreting, nvtx_range, require_complex,
+from kernels._utils import (choose_backend, configs, device_guard, interpreting, nvtx_range, require_complex,
                             same_device)
 
 __all__ = ["cauchy", "cauchy_fwd", "cauchy_bwd", "s4_like_inputs"]
@@ -450,9 +449,6 @@ def _cauchy_bwd_kernel(
 # Host launchers (real views: v, w (..., N, 2), z (L, 2), out (..., L, 2))
 # ----------------------------------------------------------------------------------------------
 
-def _on(device: torch.device):
-    """Launch on the tensors' GPU (Triton launches on the current device)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _fast_rcp(device: torch.device) -> bool:
@@ -528,7 +524,7 @@ def cauchy_fwd(v_r: torch.Tensor, z_r: torch.Tensor, w_r: torch.Tensor) -> torch
     outer, (S0, S1, S2), sv, sw = _batch_layout(batch, v_r, w_r)
     rows = S0 * S1 * S2
     fast = _fast_rcp(v_r.device)
-    with nvtx_range("sashimi/cauchy/fwd"), _on(v_r.device):
+    with nvtx_range("sashimi/cauchy/fwd"), device_guard(v_r.device):
         for v_off, w_off, row_off in outer:
             o = out2[row_off:row_off + rows]
 
@@ -571,7 +567,7 @@ def cauchy_bwd(grad_r: torch.Tensor, v_r: torch.Tensor, z_r: torch.Tensor,
     gv_part = torch.empty(B, n_chunks, N, 2, dtype=torch.float32, device=v_r.device)
     gw_part = torch.empty(B, n_chunks, N, 2, dtype=torch.float32, device=v_r.device)
     fast = _fast_rcp(v_r.device)
-    with nvtx_range("sashimi/cauchy/bwd"), _on(v_r.device):
+    with nvtx_range("sashimi/cauchy/bwd"), device_guard(v_r.device):
         for v_off, w_off, row_off in outer:
             gvp = gv_part[row_off:row_off + rows]
             gwp = gw_part[row_off:row_off + rows]

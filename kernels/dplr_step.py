@@ -37,7 +37,8 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels._utils import choose_backend, configs, nvtx_range, require_complex, same_device
+from kernels._utils import (choose_backend, configs, device_guard, nvtx_range, require_complex,
+                            same_device)
 from kernels.ssm_step import (STEP_CONFIGS, as_complex_state, batch_tier, call_in_place,
                               check_inference_only, check_step_inputs, check_triton_dtypes,
                               complex_strides, prune_step_configs)
@@ -147,7 +148,7 @@ def dplr_step_fwd(state: torch.Tensor, u: torch.Tensor, dA: torch.Tensor, dB: to
     def grid(meta):
         return (triton.cdiv(B, meta["ROWS"]), triton.cdiv(H, meta["BLOCK_H"]))
 
-    with nvtx_range("sashimi/dplr_step/fwd"):
+    with nvtx_range("sashimi/dplr_step/fwd"), device_guard(state.device):
         _dplr_step_fwd_kernel[grid](
             state, u, dA, dB, C, D, P, Q, W, y,
             B, H, N, batch_tier(B),

@@ -70,7 +70,8 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels._utils import choose_backend, configs, interpreting, nvtx_range, same_device
+from kernels._utils import (choose_backend, configs, device_guard, interpreting, nvtx_range,
+                            same_device)
 
 OP = "embed_interleave"
 
@@ -433,7 +434,7 @@ def embed_interleave_fwd(tokens: torch.Tensor, weight: torch.Tensor, scale: floa
         return out
     BLOCK_D = _block(D, 16, 128)
     grid = lambda meta: (B * triton.cdiv(L * C, meta["BLOCK_R"]), triton.cdiv(D, BLOCK_D))  # noqa: E731
-    with nvtx_range("sashimi/embed_interleave/fwd"):
+    with nvtx_range("sashimi/embed_interleave/fwd"), device_guard(weight.device):
         _embed_interleave_fwd_kernel[grid](
             tokens, weight, out,
             L * C, C, V, D, float(scale),
@@ -461,7 +462,7 @@ def embed_interleave_bwd(grad_out: torch.Tensor, tokens: torch.Tensor, num_embed
     scale = float(scale)
     tok_strides = (tokens.stride(0), tokens.stride(1), tokens.stride(2))
     g_strides = (grad_out.stride(0), grad_out.stride(1), grad_out.stride(2))
-    with nvtx_range("sashimi/embed_interleave/bwd"):
+    with nvtx_range("sashimi/embed_interleave/bwd"), device_guard(device):
         if V <= ONEHOT_MAX_V:
             if not deterministic:
                 acc = torch.zeros((V, D), device=device, dtype=torch.float32)

@@ -46,7 +46,8 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels._utils import choose_backend, configs, nvtx_range, require_complex, same_device
+from kernels._utils import (choose_backend, configs, device_guard, nvtx_range, require_complex,
+                            same_device)
 
 _REAL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -169,7 +170,7 @@ def ssm_step_fwd(state: torch.Tensor, u: torch.Tensor, dA: torch.Tensor, dB: tor
     def grid(meta):
         return (triton.cdiv(B, meta["ROWS"]), triton.cdiv(H, meta["BLOCK_H"]))
 
-    with nvtx_range("sashimi/ssm_step/fwd"):
+    with nvtx_range("sashimi/ssm_step/fwd"), device_guard(state.device):
         _ssm_step_fwd_kernel[grid](
             state, u, dA, dB, C, D, y,
             B, H, N, batch_tier(B),

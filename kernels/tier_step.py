@@ -68,7 +68,8 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels._utils import choose_backend, configs, nvtx_range, require_complex, same_device
+from kernels._utils import (choose_backend, configs, device_guard, nvtx_range, require_complex,
+                            same_device)
 from kernels.ssm_step import batch_tier, call_in_place, check_inference_only, complex_strides
 
 OP = "tier_step"
@@ -338,7 +339,7 @@ def tier_step_fwd(state: torch.Tensor, x: torch.Tensor, s4_norm_w: torch.Tensor,
             B, H, N, F, NL, batch_tier(B), SCR,
             x.stride(0), x.stride(1), *s_state)
     meta = dict(R=R, HAS_FF=has_ff, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
-    with nvtx_range("sashimi/tier_step/fwd"):
+    with nvtx_range("sashimi/tier_step/fwd"), device_guard(x.device):
         if config is None:
             _tier_step_fwd_kernel[lambda m: (triton.cdiv(B, m["ROWS"]),)](*args, **meta)
         else:

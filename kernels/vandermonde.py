@@ -54,7 +54,6 @@ overflow fp32, and L > 2^24 (positions must be exact in fp32: rejected with a Va
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import operator
@@ -64,7 +63,7 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels._utils import (choose_backend, configs, interpreting, nvtx_range, require_complex,
+from kernels._utils import (choose_backend, configs, device_guard, interpreting, nvtx_range, require_complex,
                             same_device)
 
 __all__ = ["vandermonde", "vandermonde_fwd", "vandermonde_bwd", "make_s4d_inputs"]
@@ -489,9 +488,6 @@ def _check_real_views(v_r: torch.Tensor, x_r: torch.Tensor, L: int) -> None:
         raise ValueError(f"{_OP}: L must be in [1, 2^24], got {L}")
 
 
-def _device_guard(device: torch.device):
-    """Launch on the tensors' GPU (Triton launches on the current device)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _size_key(B: int, N: int, span: int) -> int:
@@ -525,7 +521,7 @@ def vandermonde_fwd(v_r: torch.Tensor, x_r: torch.Tensor, L: int) -> torch.Tenso
     if B == 0:
         return out.view(batch + (L,))
     P, span = _plan(B, L, v_r.device)
-    with nvtx_range("sashimi/vandermonde/fwd"), _device_guard(v_r.device):
+    with nvtx_range("sashimi/vandermonde/fwd"), device_guard(v_r.device):
         _vandermonde_fwd_kernel[(B, P)](
             ve, xe, out,
             B, N, L, span, D1, D2, _size_key(B, N, span),
@@ -559,7 +555,7 @@ def vandermonde_bwd(grad: torch.Tensor, v_r: torch.Tensor, x_r: torch.Tensor, L:
         else:
             p0 = torch.empty((B, P, N, 2), dtype=torch.float32, device=dev)
             p1 = torch.empty((B, P, N, 2), dtype=torch.float32, device=dev)
-        with nvtx_range("sashimi/vandermonde/bwd"), _device_guard(dev):
+        with nvtx_range("sashimi/vandermonde/bwd"), device_guard(dev):
             _vandermonde_bwd_kernel[(B, P)](
                 g2, ve, xe, gv, gx, p0, p1,
                 B, N, L, span, D1, D2, _size_key(B, N, span),

@@ -256,6 +256,8 @@ def run(args) -> int:
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else None
     device = resolve_device(args.device, local_rank if distributed else None)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # one GPU per rank; kernels launch on the current device
     if distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     main = rank == 0

@@ -12,7 +12,9 @@ What it does:
      own options), applies the @triton.heuristics, specialises the arguments exactly as the
      Triton runtime does (int32/int64, divisibility by 16, ==1 constants, do_not_specialize),
      compiles for GPUTarget("cuda", 90, 32) with triton.compile(ASTSource(...)) and reads the
-     ptxas -v report (registers, spill bytes, stack) and Triton's shared-memory need.
+     ptxas -v report (registers, spill bytes, stack) and Triton's shared-memory need. No driver
+     is needed: ptxas ships in the Triton wheel (triton/backends/nvidia/bin/ptxas, CUDA 12.8),
+     and Triton's own cubin step runs it with -v (knobs.nvidia.dump_ptxas_log).
   3. Evaluates the launch grid of each config and checks the CUDA limits (axis 0 < 2^31,
      axes 1 and 2 <= 65535).
 
@@ -23,7 +25,7 @@ or a grid over the limits. Spills are reported (SPILL) but do not fail the run u
 
 Usage:
     .venv/bin/python scripts/aot_check.py [--jobs 2] [--only cauchy,tier_step] [--csv out.csv]
-                                          [--max-spill BYTES] [--keep-cache] [-v]
+                                          [--max-spill BYTES] [--cache-dir DIR] [-v]
 The configs the launchers' early pruners would drop at that size are still compiled and marked
 `pruned` (they run at other sizes). Runtime: ~minutes on 2 cores (every compile runs ptxas).
 """
@@ -36,6 +38,7 @@ import importlib
 import io
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -149,8 +152,10 @@ def scenarios_cauchy():
 
 def scenarios_vandermonde():
     vm = mod("vandermonde")
-    N = 32
-    for B, L in [(1024, 16384), (1024, 65536), (64, 16384), (256, 16384)]:
+    # paper / anchor sizes, then N that is not a multiple of the n-block (EVEN_N = False), wider
+    # than one n-block (SINGLE_N = False) and the widest block (64), as the GPU tests use them
+    for B, N, L in [(1024, 32, 16384), (1024, 32, 65536), (64, 32, 16384), (256, 32, 16384),
+                    (16, 17, 5000), (16, 64, 65536), (16, 100, 4096)]:
         v, x = meta(B, N, 2), meta(B, N, 2)
         yield f"vandermonde fwd B={B} N={N} L={L}", lambda v=v, x=x, L=L: vm.vandermonde_fwd(v, x, L)
         g = meta(B, L)
@@ -173,6 +178,16 @@ def scenarios_embed():
                     yield (f"embed bwd V={V} w={str(wdt)[6:]} grad={str(gdt)[6:]} det={det}",
                            lambda g=g, V=V, wdt=wdt, det=det:
                            e.embed_interleave_bwd(g, tokens, V, wdt, 8.0, det))
+    # the other token dtypes the public API takes (uint8 needs other=-1 to fit the dtype)
+    w, g = meta(256, D), meta(B, L * C, D, dtype=torch.bfloat16)
+    for tdt in (torch.uint8, torch.int8, torch.int16, torch.int32):
+        tok = meta(B, L, C, dtype=tdt)
+        yield (f"embed fwd V=256 tokens={str(tdt)[6:]}",
+               lambda tok=tok: e.embed_interleave_fwd(tok, w, 8.0, torch.bfloat16))
+        for V in (256, 65536):
+            for det in (False, True):
+                yield (f"embed bwd V={V} tokens={str(tdt)[6:]} det={det}",
+                       lambda tok=tok, V=V, det=det: e.embed_interleave_bwd(g, tok, V, torch.float32, 8.0, det))
 
 
 def scenarios_ssm_step():
@@ -186,10 +201,10 @@ def scenarios_ssm_step():
 
 def scenarios_dplr_step():
     d = mod("dplr_step")
-    H, N, r = 256, 32, 1
-    for B in (1, 256, 1024):
+    N = 32
+    for B, H, r in [(1, 256, 1), (256, 256, 1), (1024, 256, 1), (2, 64, 2)]:  # r = 2: a GPU test
         yield (f"dplr_step B={B} H={H} N={N} r={r}",
-               lambda B=B: d.dplr_step_fwd(meta(B, H, N, 2), meta(B, H), meta(H, N, 2), meta(H, N, 2),
+               lambda B=B, H=H, r=r: d.dplr_step_fwd(meta(B, H, N, 2), meta(B, H), meta(H, N, 2), meta(H, N, 2),
                                            meta(H, N, 2), meta(H), meta(r, H, N, 2), meta(r, H, N, 2),
                                            meta(r, H, N, 2)))
 
@@ -210,6 +225,15 @@ def scenarios_tier_step():
                                                meta(NL, H, N, 2), meta(NL, H, N, 2), meta(NL, H, N, 2),
                                                meta(NL, H), *pqw, meta(NL, 2 * H, H), meta(NL, 2 * H), *ffw)
                     yield f"tier_step H={H} N={N} F={F if ff else 0} n=8 {ssm} ff={ff} B={B}", call
+    # bf16 weights (the docstring's bandwidth option): the widest tier, dplr, with FF
+    H, F, B, bf = 256, 512, 1, torch.bfloat16
+    yield (f"tier_step H={H} N={N} F={F} n=8 dplr ff=True B={B} bf16 weights",
+           lambda: t.tier_step_fwd(meta(NL, B, H, N, 2), meta(B, H), meta(NL, H, dtype=bf), meta(NL, H, dtype=bf),
+                                   meta(NL, H, N, 2), meta(NL, H, N, 2), meta(NL, H, N, 2), meta(NL, H, dtype=bf),
+                                   *[meta(NL, r, H, N, 2) for _ in range(3)],
+                                   meta(NL, 2 * H, H, dtype=bf), meta(NL, 2 * H, dtype=bf),
+                                   meta(NL, H, dtype=bf), meta(NL, H, dtype=bf), meta(NL, F, H, dtype=bf),
+                                   meta(NL, F, dtype=bf), meta(NL, H, F, dtype=bf), meta(NL, H, dtype=bf)))
 
 
 SCENARIOS = {
@@ -383,12 +407,18 @@ def compile_job(job: Job) -> dict:
         res["status"] = "ERROR"
         msg = f"{type(e).__name__}: {e}".strip()
         lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
-        # the most telling line of a Triton CompilationError is after the source excerpt
         first = lines[0] if lines else type(e).__name__
-        for ln in lines:
-            if re.search(r"error|Error|assert|out of|exceed", ln) and not ln.startswith("^"):
-                first = ln
-                break
+        carets = [i for i, ln in enumerate(lines) if set(ln) == {"^"}]
+        if carets:  # Triton CompilationError: "at L:C:", source excerpt, "^", then the message
+            i = carets[-1]
+            where = re.match(r"\w+: at (\d+:\d+)", lines[0])
+            tail = " ".join(lines[i + 1:]) or lines[-1]
+            first = f"{type(e).__name__} at {where.group(1) if where else '?'} ({lines[i - 1][:60]}): {tail}"
+        else:
+            for ln in lines:
+                if re.search(r"error|Error|assert|out of|exceed", ln):
+                    first = ln
+                    break
         res["error"] = first[:300]
         res["trace"] = "".join(traceback.format_exception(e))[-4000:]
     res["seconds"] = time.time() - t0
@@ -413,8 +443,9 @@ def main(argv=None) -> int:
     ap.add_argument("--csv", default="", help="also write the full table here")
     ap.add_argument("--max-spill", type=int, default=-1,
                     help="fail a config that spills more than this many bytes (default: report only)")
-    ap.add_argument("--keep-cache", action="store_true",
-                    help="use the normal Triton cache dir (default: a temporary one)")
+    ap.add_argument("--cache-dir", default="",
+                    help="Triton cache dir to fill (e.g. to carry compiled sm_90 kernels to the GPU "
+                         "machine as TRITON_CACHE_DIR); default: a temporary dir")
     ap.add_argument("-v", "--verbose", action="store_true", help="print the traceback of errors")
     a = ap.parse_args(argv)
 
@@ -422,8 +453,18 @@ def main(argv=None) -> int:
     for o in ops:
         if o not in OPS:
             ap.error(f"unknown op {o!r} (choose from {', '.join(OPS)})")
-    if not a.keep_cache:
-        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="aot_check_cache_")
+    if a.cache_dir:
+        os.environ["TRITON_CACHE_DIR"] = os.path.abspath(a.cache_dir)
+        return _main(a, ops)
+    tmp = tempfile.mkdtemp(prefix="aot_check_cache_")   # ~0.6 MB per compile: removed at the end
+    os.environ["TRITON_CACHE_DIR"] = tmp
+    try:
+        return _main(a, ops)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _main(a, ops) -> int:
 
     import kernels  # noqa: F401  (registers the ops; TRITON_INTERPRET is unset: all configs)
     from kernels._utils import interpreting
@@ -506,7 +547,8 @@ def main(argv=None) -> int:
                 row["grid"] = job.grid
             if status != "ok" and row["status"] == "ok":
                 row["status"], row["error"] = status, err
-    hdr = f"{'op':<17}{'kernel':<38}{'config':<58}{'status':<7}{'regs':>5}{'spill':>7}{'stack':>6}{'smem':>8} {'max grid':<22} note"
+    hdr = (f"{'case (first scenario, +more)':<50}{'kernel':<37}{'config':<56}{'status':<7}{'regs':>5}"
+           f"{'spill':>7}{'stack':>6}{'smem':>8} {'max grid':<16} note")
     print(hdr)
     print("-" * len(hdr))
     for row in rows.values():
@@ -521,18 +563,27 @@ def main(argv=None) -> int:
         if row["pruned_everywhere"]:
             note = ("pruned at these sizes; " + note).rstrip("; ")
         grid = "x".join(str(x) for x in row["grid"]) if row["grid"] else "-"
-        print(f"{row['op']:<17}{row['kernel'][:37]:<38}{row['config'][:57]:<58}{st:<7}"
-              f"{_n(row['regs']):>5}{_n(spill):>7}{_n(row['stack']):>6}{_n(row['shared']):>8} {grid:<22} {note}")
+        case = row["scenarios"][0]
+        more = len(set(row["scenarios"])) - 1
+        case = (case[:44] + (f" +{more}" if more else ""))[:49]
+        print(f"{case:<50}{row['kernel'][:36]:<37}{row['config'][:55]:<56}{st:<7}"
+              f"{_n(row['regs']):>5}{_n(spill):>7}{_n(row['stack']):>6}{_n(row['shared']):>8} {grid:<16} {note}")
         if a.verbose and row["trace"]:
             print(row["trace"])
     for op, name, err in scenario_errors:
         failures += 1
-        print(f"{op:<17}{'(launcher)':<38}{name[:57]:<58}{'ERROR':<7}{'':>5}{'':>7}{'':>6}{'':>8} {'-':<22} {err}")
+        print(f"{name[:49]:<50}{'(launcher)':<37}{'':<56}{'ERROR':<7}{'':>5}{'':>7}{'':>6}{'':>8} {'-':<16} {err}")
 
-    n_pairs = len(rows)
-    print(f"\n{n_pairs} kernel/config pairs ({len(_JOBS)} distinct compiles): "
-          f"{n_pairs - failures - len(scenario_errors)} ok, {failures} failed, {spill_rows} spill "
-          f"(registers: ptxas -v for sm_90a; smem: Triton's dynamic shared memory, limit {MAX_SHARED} B)")
+    n_rows = len(rows)
+    n_pairs = len({(r["kernel"], r["config"]) for r in rows.values()})
+    n_bad_pairs = len({(r["kernel"], r["config"]) for r in rows.values() if r["status"] != "ok"})
+    print(f"\n{n_pairs} kernel/config pairs ({n_bad_pairs} failing), compiled as {n_rows} "
+          f"(kernel, config, argument specialisation) variants ({len(_JOBS)} distinct compiles): "
+          f"{n_rows - (failures - len(scenario_errors))} ok, {failures - len(scenario_errors)} failed, "
+          f"{spill_rows} spill; "
+          f"{len(scenario_errors)} launcher errors "
+          f"(registers/spills: ptxas -v for sm_90a; smem: Triton's dynamic shared memory, "
+          f"limit {MAX_SHARED} B)")
     if a.csv:
         with open(a.csv, "w", newline="") as f:
             w = csv.writer(f)

@@ -2,9 +2,6 @@
 mixed precision, and the paper preset's size."""
 from __future__ import annotations
 
-import dataclasses
-import math
-
 import pytest
 import torch
 

@@ -2,7 +2,8 @@
 # The test command: sets up .venv if needed, then runs
 #   1. the kernel tests on the Triton code (on CPU under TRITON_INTERPRET=1 when there is no GPU),
 #   2. everything else (model, data, training, generation) on the reference paths,
-#   3. the self-test, and the benchmark suite (which skips cleanly without a GPU).
+#   3. the self-test, the sm_90 compile check of every kernel config (no GPU needed), and the
+#      benchmark suite (which skips cleanly without a GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -26,6 +27,9 @@ else
   run_pytest -q -m "not interpreter" --device=cpu tests "$@"
   echo "== self-test (Triton under the interpreter)"
   TRITON_INTERPRET=1 "$PY" -m kernels.selftest
+  echo "== every kernel and autotune config compiles for the H100 (sm_90, no GPU needed)"
+  aot_log=$(mktemp)
+  if "$PY" scripts/aot_check.py > "$aot_log" 2>&1; then tail -n 1 "$aot_log"; else cat "$aot_log"; exit 1; fi
 fi
 echo "== benchmarks (skip without a GPU)"
 run_pytest -q bench --benchmark-only -p no:cacheprovider

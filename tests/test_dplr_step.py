@@ -6,6 +6,7 @@ formulas of the reference docstring, so the Woodbury algebra is exercised as the
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -18,10 +19,8 @@ from kernels import reference
 from kernels._utils import interpreting
 from conftest import assert_rel_close
 from strategies import dims, seeds
-
-TOL = 1e-5  # fp32 kernel vs complex128 reference, relative to the largest |value|
-
-C128, F64 = torch.complex128, torch.float64
+import step_helpers
+from step_helpers import C128, F64, TOL, check_in_place, lower
 
 
 def dplr_system(H, N, r, seed, q_equals_p=False):
@@ -65,39 +64,18 @@ def make_dplr(B, H, N, r, seed, device, steps=1, u_dtype=torch.float32, q_equals
     consts = step_factors(sys_)
     state = torch.randn(B, H, N, generator=g, dtype=C128)
     us = torch.randn(steps, B, H, generator=g, dtype=F64)
-    consts = {k: (v.to(torch.complex64) if v.is_complex() else v.float()).to(device)
-              for k, v in consts.items()}
+    consts = lower(consts, device)
     return state.to(torch.complex64).to(device), us.to(u_dtype).to(device), consts
 
 
-def up(t):
-    return t.to(C128 if t.is_complex() else F64).cpu()
-
-
-def reference_steps(state, us, consts):
-    """The reference in complex128 on a copy; returns (ys (S, B, H), final state)."""
-    s = up(state).clone()
-    c = {k: up(v) for k, v in consts.items()}
-    ys = torch.stack([reference.dplr_step(s, up(u), **c) for u in us])
-    return ys, s
-
-
-def triton_steps(state, us, consts):
-    return torch.stack([kernels.dplr_step(state, u, **consts, backend="triton") for u in us])
+reference_steps = functools.partial(step_helpers.reference_steps, reference.dplr_step)
+triton_steps = functools.partial(step_helpers.triton_steps, kernels.dplr_step)
 
 
 def check_steps(B, H, N, r, seed, device, steps=1, u_dtype=torch.float32, q_equals_p=False,
                 tol=TOL):
     state, us, consts = make_dplr(B, H, N, r, seed, device, steps, u_dtype, q_equals_p)
-    ys_ref, state_ref = reference_steps(state, us, consts)
-    before = state.clone()
-    ptr = state.data_ptr()
-    ys = triton_steps(state, us, consts)
-    assert state.data_ptr() == ptr
-    assert not torch.equal(state, before), "state was not updated in place"
-    assert ys.dtype == torch.float32 and ys.shape == (steps, B, H)
-    assert_rel_close(ys, ys_ref, tol, "y")
-    assert_rel_close(state, state_ref, tol, "state")
+    check_in_place(kernels.dplr_step, reference.dplr_step, state, us, consts, tol)
 
 
 ANCHORS = [

@@ -60,3 +60,21 @@ def run(benchmark, fn, *, op: str, direction: str, provider: str, shape: dict, d
 
     benchmark.pedantic(timed, rounds=rounds, warmup_rounds=2, iterations=1)
     return p50
+
+
+def capture_graph(fn, repeats: int, warmup: int = 3):
+    """A CUDA graph of `repeats` calls of fn, after `warmup` calls on a side stream (they
+    compile and autotune, which must not happen inside a capture). Replay with .replay()."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeats):
+            fn()
+    torch.cuda.synchronize()
+    return graph

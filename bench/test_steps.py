@@ -21,7 +21,7 @@ import math
 import pytest
 import torch
 
-from bench._common import run
+from bench._common import capture_graph, run
 
 H, N, R = 256, 32, 1
 BATCHES = [1, 16, 256]
@@ -86,19 +86,7 @@ def _bench_step(benchmark, bench_size, op: str, provider: str, B: int):
             _record_config(benchmark, op, backend)
             return
 
-        # warm up on a side stream (compiles and autotunes the kernel), then capture 100 steps
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                one_step()
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(GRAPH_STEPS):
-                one_step()
-        torch.cuda.synchronize()
+        graph = capture_graph(one_step, GRAPH_STEPS)
         p50 = run(benchmark, graph.replay, op=op, direction="fwd", provider=provider, shape=shape,
                   dtype="complex64", nbytes=GRAPH_STEPS * nbytes)
         benchmark.extra_info["steps_per_replay"] = GRAPH_STEPS

@@ -25,7 +25,7 @@ import math
 import pytest
 import torch
 
-from bench._common import run
+from bench._common import capture_graph, run
 
 N, R, N_LAYERS = 32, 1, 8
 TIERS = [64, 128, 256]
@@ -96,18 +96,7 @@ def test_bench_tier_step_fwd(benchmark, bench_size, provider, ssm, H, B):
             return kernels.tier_step(x, state, p, ssm, backend=backend)
 
         if provider.endswith("_graph"):
-            side = torch.cuda.Stream()  # warm up (compile, autotune) on a side stream, then capture
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    one_step()
-            torch.cuda.current_stream().wait_stream(side)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(GRAPH_STEPS):
-                    one_step()
-            torch.cuda.synchronize()
+            graph = capture_graph(one_step, GRAPH_STEPS)
             p50 = run(benchmark, graph.replay, op="tier_step", direction="fwd", provider=provider,
                       shape=shape, dtype="fp32/complex64", nbytes=GRAPH_STEPS * nbytes)
             us_per_step = p50 * 1e3 / GRAPH_STEPS

@@ -1,12 +1,25 @@
 """One-file checkpoints: format version, full config, weights, optimiser, step, RNG states.
 
+Safe to load from anyone: the file is a `torch.save` dict of tensors and plain data only
+(numbers, strings, lists, dicts; RNG states are stored as tensors and lists, never as
+pickled objects) and is read with `torch.load(weights_only=True)`, which refuses any other
+Python object, so loading a checkpoint cannot run code.
+
+Damage is detected: a SHA-256 over every tensor's bytes, dtype and shape and every other
+value (in key order) is stored beside them and checked on load; a checkpoint whose content
+does not match is refused with one line naming the file.
+
 Written atomically (a temp file in the same folder, fsync, os.replace), so a crash mid-write
-never leaves a truncated checkpoint behind. Loading a file of another format, another
-version, or a corrupt file is a `CheckpointError` with one clear line, never a traceback.
+never leaves a truncated checkpoint behind; `save(..., keep_previous=True)` first moves the
+existing file to `<name>.prev.pt`, so one damaged or diverged checkpoint never loses a run.
+Loading a file of another format, another version, or a damaged file is a `CheckpointError`
+with one clear line, never a traceback.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -15,40 +28,105 @@ import numpy as np
 import torch
 
 FORMAT = "sashimi-triton-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 1 (2026-11) pickled numpy RNG state and had no content hash. It still loads safely
+# (weights_only, with numpy's array reconstruction allow-listed), unverified.
+READABLE_VERSIONS = (1, 2)
 
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be used, with the reason in one line."""
 
 
+# ------------------------------------------------------------------------------ RNG states
+
 def rng_state() -> dict:
-    state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    """Python, numpy and torch RNG states as tensors and plain lists (no pickled objects)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = dict(python=dict(version=version, state=list(internal), gauss=gauss),
+                 numpy=dict(name=name, keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
+                            has_gauss=int(has_gauss), cached_gaussian=float(cached)),
+                 torch=torch.get_rng_state())
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    if isinstance(py, dict):
+        random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    else:  # format version 1: the tuple itself
+        random.setstate(py)
+    if isinstance(npy, dict):
+        np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"],
+                             npy["has_gauss"], npy["cached_gaussian"]))
+    else:
+        np.random.set_state(npy)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(path: str | os.PathLike, payload: dict) -> Path:
-    """Atomically write payload (plus format and version) to path."""
+# ---------------------------------------------------------------------------- the content hash
+
+def _feed(h, obj, path: str) -> None:
+    """Hash obj canonically: tensors by dtype, shape and bytes; containers in key order."""
+    if torch.is_tensor(obj):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{path}:tensor:{obj.dtype}:{tuple(obj.shape)};".encode())
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(f"{path}:dict:{len(obj)};".encode())
+        for key in sorted(obj, key=lambda k: (type(k).__name__, repr(k))):
+            _feed(h, obj[key], f"{path}/{key!r}")
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{path}:{type(obj).__name__}:{len(obj)};".encode())
+        for i, v in enumerate(obj):
+            _feed(h, v, f"{path}[{i}]")
+    elif obj is None or isinstance(obj, (bool, int, float, str)):
+        h.update(f"{path}:{type(obj).__name__}:{obj!r};".encode())
+    else:
+        raise TypeError(f"checkpoint entry {path} is a {type(obj).__name__}: only tensors and plain "
+                        f"data (numbers, strings, lists, dicts) can be saved")
+
+
+def content_hash(payload: dict) -> str:
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in payload.items() if k != "sha256"}, "")
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------ save / load
+
+def previous_path(path: str | os.PathLike) -> Path:
+    """Where `save(keep_previous=True)` keeps the checkpoint it replaces: checkpoint.prev.pt."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def save(path: str | os.PathLike, payload: dict, keep_previous: bool = False) -> Path:
+    """Atomically write payload (plus format, version and content hash) to path. With
+    keep_previous, an existing file at path becomes `previous_path(path)` first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = dict(payload, format=FORMAT, format_version=FORMAT_VERSION)
+    payload["sha256"] = content_hash(payload)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a checkpoint is for sharing
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous and path.exists():
+            os.replace(path, previous_path(path))
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -56,22 +134,88 @@ def save(path: str | os.PathLike, payload: dict) -> Path:
     return path
 
 
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, name: str) -> list[Path]:
+    """Delete `.<name>.*.tmp` files left by writes that were killed (call with the run locked)."""
+    removed = []
+    for tmp in Path(folder).glob(f".{name}.*.tmp"):
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError:
+            pass
+    return removed
+
+
+# numpy arrays in version-1 RNG states: data only, reconstructed without running code
+def _numpy_safe_globals() -> list:
+    names = [np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    try:
+        names.append(np._core.multiarray._reconstruct)
+    except AttributeError:  # numpy < 2
+        names.append(np.core.multiarray._reconstruct)
+    return names
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def load(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Read a checkpoint written by `save`, or raise CheckpointError saying why it can't be used."""
+    """Read a checkpoint written by `save`, or raise CheckpointError saying why it can't be used.
+    Never unpickles anything but tensors and plain data; checks the content hash."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder; pass the checkpoint file (e.g. {path / 'checkpoint.pt'})")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # truncated, not a torch file, unpickling error...
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else 'corrupt file'}") from None
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        msg = _first_line(exc)
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "GLOBAL" in str(exc):
+            raise CheckpointError(f"refusing to load {path}: it holds Python objects other than tensors "
+                                  f"and plain data, which could run code when loaded (not loaded)") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: damaged or not a checkpoint ({msg})") from None
+    except Exception as exc:  # truncated, not a torch file, zip damage...
+        raise CheckpointError(f"cannot read checkpoint {path}: damaged or not a checkpoint "
+                              f"({type(exc).__name__}: {_first_line(exc)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a sashimi-triton checkpoint")
     version = payload.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format version {version}; this sashimi-triton "
-                              f"reads version {FORMAT_VERSION}")
+    if isinstance(version, bool) or not isinstance(version, int) or version not in READABLE_VERSIONS:
+        raise CheckpointError(f"{path} has checkpoint format version {version!r}; this sashimi-triton "
+                              f"reads versions {', '.join(map(str, READABLE_VERSIONS))}")
+    if version >= 2:
+        stored = payload.get("sha256")
+        try:
+            actual = content_hash(payload)
+        except TypeError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
+        if not isinstance(stored, str) or stored != actual:
+            raise CheckpointError(f"{path} is damaged: its content does not match the SHA-256 stored in it "
+                                  f"(try {previous_path(path).name} if it exists)")
     return payload
+
+
+def check_finite_weights(state_dict: dict, path) -> None:
+    """CheckpointError if any floating-point weight is NaN or infinite."""
+    bad = [k for k, v in state_dict.items()
+           if torch.is_tensor(v) and (v.is_floating_point() or v.is_complex()) and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{path} holds non-finite weights ({', '.join(bad[:3])}"
+                              f"{' ...' if len(bad) > 3 else ''}): the run it came from diverged")

@@ -49,6 +49,15 @@ class DataError(Exception):
     command lines print it as one line, without a traceback."""
 
 
+class UnreadableFile(DataError):
+    """The file cannot be opened at all (deleted, replaced, not audio): every crop of it fails."""
+
+
+# A crop that fails to decode or holds non-finite samples is replaced by another one, drawn
+# from (seed, index, attempt): a function of the data, so a resumed run sees the same batches.
+MAX_REPLACEMENTS = 32
+
+
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split())
     return text or type(err).__name__
@@ -69,6 +78,16 @@ def _warn_once(path, what: str, message: str) -> None:
     key = (str(path), what)
     if key not in _warned:
         _warned.add(key)
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+
+_said: set[str] = set()
+
+
+def _warn_summary(message: str) -> None:
+    """A scan's summary warning, once per process (the train and valid splits scan the same folder)."""
+    if message not in _said:
+        _said.add(message)
         warnings.warn(message, UserWarning, stacklevel=3)
 
 
@@ -188,7 +207,7 @@ def _read(path, sample_rate: int, channels: int, start: int, frames: int | None,
     try:
         f = sf.SoundFile(str(path))
     except Exception as err:
-        raise DataError(f"{path}: unreadable audio file ({_one_line(err)})") from None
+        raise UnreadableFile(f"{path}: unreadable audio file ({_one_line(err)})") from None
     with f:
         n_file, rate = int(f.frames), int(f.samplerate)
         total = model_frames(n_file, rate, sample_rate)
@@ -360,9 +379,32 @@ class SyntheticStereoMusic:
 # ------------------------------------------------------------------------------- the dataset
 
 def _scan(root: Path) -> list[Path]:
+    """Audio files under root, recursively, following symlinked folders (each real folder and
+    file once, so a link loop ends); unreadable folders are skipped with a warning."""
     if root.is_file():
         return [root]
-    files = [p for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file()]
+    files, seen_dirs, seen_files, unreadable = [], set(), set(), []
+
+    def on_error(err: OSError) -> None:
+        unreadable.append(f"{err.filename} ({err.strerror or type(err).__name__})")
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=on_error, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs:   # reached again through a link: a loop, or an alias of a folder
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
+        dirnames.sort()
+        for name in filenames:
+            p = Path(dirpath) / name
+            if p.suffix.lower() not in AUDIO_SUFFIXES or not p.is_file():
+                continue
+            real_file = os.path.realpath(p)
+            if real_file not in seen_files:
+                seen_files.add(real_file)
+                files.append(p)
+    if unreadable:
+        _warn_summary(f"skipped {len(unreadable)} unreadable folder(s) under {root}: " + ", ".join(unreadable[:10]))
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
@@ -424,6 +466,8 @@ class AudioCrops(torch.utils.data.Dataset):
         self.source = None if source is None else Path(source)
         self.synthetic: SyntheticStereoMusic | None = None
         self._tokens: dict[int, torch.Tensor] = {}
+        self._faults: dict[str, int] = {}   # replaced crops per file, in this process
+        self._dropped: set[int] = set()      # files that could not be opened any more
 
         if source is None:
             seconds = max(4.0, 2.0 * crop_frames / sample_rate)
@@ -481,16 +525,13 @@ class AudioCrops(torch.utils.data.Dataset):
                 _warned.add((str(path), "multichannel"))
         if skipped:
             shown = skipped[:20] + ([f"... and {len(skipped) - 20} more"] if len(skipped) > 20 else [])
-            warnings.warn(f"skipped {len(skipped)} of {len(candidates)} files: " + ", ".join(shown),
-                          UserWarning, stacklevel=3)
+            _warn_summary(f"skipped {len(skipped)} of {len(candidates)} files: " + ", ".join(shown))
         if mono:
-            warnings.warn(f"{len(mono)} mono file(s) in a stereo dataset, their channel duplicated: "
-                          + ", ".join(mono[:20]) + (" ..." if len(mono) > 20 else ""),
-                          UserWarning, stacklevel=3)
+            _warn_summary(f"{len(mono)} mono file(s) in a stereo dataset, their channel duplicated: "
+                          + ", ".join(mono[:20]) + (" ..." if len(mono) > 20 else ""))
         if multi:
-            warnings.warn(f"{len(multi)} file(s) with more than 2 channels, only the first two used: "
-                          + ", ".join(multi[:20]) + (" ..." if len(multi) > 20 else ""),
-                          UserWarning, stacklevel=3)
+            _warn_summary(f"{len(multi)} file(s) with more than 2 channels, only the first two used: "
+                          + ", ".join(multi[:20]) + (" ..." if len(multi) > 20 else ""))
         if not self.files:
             raise DataError(f"no usable audio in {root}: all {len(candidates)} audio files were skipped "
                             f"(unreadable, empty or shorter than the crop of {self.crop_frames} frames "
@@ -539,29 +580,66 @@ class AudioCrops(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return TRAIN_LENGTH if self.split == "train" else len(self._valid)
 
-    def crop_position(self, index: int) -> tuple[int, int]:
+    def crop_position(self, index: int, attempt: int = 0) -> tuple[int, int]:
         """(item, first frame at the model's rate) of crop `index`: item indexes `files` (or
-        the synthetic clips)."""
+        the synthetic clips). attempt > 0: the attempt-th replacement for that crop, should the
+        earlier ones be unusable (a function of (seed, index, attempt) only)."""
         index = int(index)
         if index < 0:
             raise IndexError(f"crop index must be >= 0, got {index}")
         if self.split == "valid":
             if index >= len(self._valid):
                 raise IndexError(f"validation crop {index} out of range [0, {len(self._valid)})")
-            return self._valid[index]
-        rng = np.random.default_rng([self.seed, 0, index])
+            if attempt == 0:
+                return self._valid[index]
+            rng = np.random.default_rng([self.seed, 2, index, attempt])
+        else:
+            rng = np.random.default_rng([self.seed, 0, index] + ([attempt] if attempt else []))
         return self._locate(int(rng.integers(self._total)))
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        item, first = self.crop_position(index)
+        """The tokens of crop `index`. A crop that cannot be decoded or holds NaN/inf samples is
+        replaced by crop_position(index, 1), (index, 2), ... (deterministic, so resume stays
+        exact) and its file named in a warning with a running count; a file that cannot be
+        opened any more is dropped (every crop of it would fail). Never returns tokens made
+        from non-finite audio."""
         if self.synthetic is not None:
+            item, first = self.crop_position(index)
             return self._tokens[item][first:first + self.crop_frames].long()
-        path = self.files[item]
-        audio = _read(path, self.sample_rate, self.channels, first, self.crop_frames, warn=False)
-        try:
+        last = ""
+        for attempt in range(MAX_REPLACEMENTS + 1):
+            item, first = self.crop_position(index, attempt)
+            path = self.files[item]
+            if item in self._dropped:
+                continue
+            span = f"frames [{first}, {first + self.crop_frames}) at {self.sample_rate} Hz"
+            try:
+                audio = _read(path, self.sample_rate, self.channels, first, self.crop_frames, warn=False)
+            except UnreadableFile as err:
+                self._dropped.add(item)
+                last = _one_line(err)
+                self._fault(path, f"{last}; the file is dropped from this run")
+                continue
+            except DataError as err:
+                last = _one_line(err)
+                self._fault(path, last.replace(f"{path}: ", ""))
+                continue
+            if not torch.isfinite(audio).all():
+                bad = int((~torch.isfinite(audio)).sum())
+                last = f"{path}: {span} holds {bad} NaN/infinite sample(s)"
+                self._fault(path, f"{span} holds {bad} NaN/infinite sample(s)")
+                continue
             return self.quantizer.encode(audio)
-        except ValueError as err:
-            raise DataError(f"{path}: {_one_line(err)}") from None
+        raise DataError(f"{MAX_REPLACEMENTS + 1} crops in a row were unusable (last: {last}): "
+                        f"the data in {self.source} is mostly damaged")
+
+    def _fault(self, path, what: str) -> None:
+        """Count a replaced crop of `path`; warn on the 1st, 10th, 100th, ... of each file."""
+        count = self._faults.get(str(path), 0) + 1
+        self._faults[str(path)] = count
+        if count == 1 or math.log10(count).is_integer():
+            warnings.warn(f"{path}: {what}; replaced by another crop ({count} crop(s) of this file "
+                          f"replaced so far in this process)", UserWarning, stacklevel=3)
 
     def __repr__(self) -> str:
         what = repr(self.synthetic) if self.synthetic is not None else f"{len(self.files)} files in {self.source}"

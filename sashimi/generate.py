@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_leaves
 
 from kernels._utils import nvtx_range
 from sashimi import checkpoint
-from sashimi.cli import UserError, run_cli
+from sashimi.cli import UserError, check_out_dir, machine_memory, resolve_device, run_cli
 from sashimi.checkpoint import CheckpointError
 from sashimi.model import ModelConfig, SaShiMi
 from sashimi.prefill import prefill
@@ -40,15 +40,18 @@ def load_model(path, device) -> SaShiMi:
     payload = checkpoint.load(path)
     try:
         cfg = ModelConfig.from_dict(payload["model_config"])
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"{path}: unusable model config: {exc}") from None
+    if not isinstance(payload.get("model"), dict):
+        raise CheckpointError(f"{path}: holds no model weights")
+    checkpoint.check_finite_weights(payload["model"], path)
     device = torch.device(device)
     backend = "reference" if device.type == "cpu" else "auto"
     import dataclasses
     model = SaShiMi(dataclasses.replace(cfg, kernel_backend=backend))
     try:
         model.load_state_dict(payload["model"])
-    except (RuntimeError, KeyError) as exc:
+    except (RuntimeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: weights do not fit the model config: {str(exc).splitlines()[0]}") from None
     return model.to(device).eval()
 
@@ -320,24 +323,68 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="on CUDA, run the step eagerly instead of replaying CUDA graphs")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing WAVs of the same name (default: pick new names)")
     return p.parse_args(argv)
 
 
+def check_args(args) -> None:
+    """Flags a user can get wrong: one line each, before the model is even loaded."""
+    if not (math.isfinite(args.seconds) and args.seconds > 0):
+        raise UserError(f"--seconds must be a finite number > 0, got {args.seconds!r}")
+    if args.batch < 1:
+        raise UserError(f"--batch must be >= 1, got {args.batch}")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise UserError(f"--temperature must be a finite number > 0, got {args.temperature!r}")
+    if not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
+        raise UserError(f"--top-p must be in (0, 1], got {args.top_p!r}")
+    if args.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {args.seed}")
+    if args.prompt is not None and not Path(args.prompt).exists():
+        raise UserError(f"--prompt: file not found: {args.prompt}")
+    if args.prompt is not None and Path(args.prompt).is_dir():
+        raise UserError(f"--prompt {args.prompt} is a folder; pass an audio file")
+
+
+def check_batch_fits(model: SaShiMi, batch: int, frames: int, device: torch.device) -> None:
+    """Refuse a batch whose recurrent state and tokens cannot fit in the device's memory."""
+    per_sample = sum(t.numel() * t.element_size() for t in tree_leaves(model.default_state(1, device="meta"))
+                     if torch.is_tensor(t))
+    per_sample += frames * model.cfg.channels * 8 + 2 * 4 * model.cfg.levels  # tokens, head output
+    need, have = batch * per_sample, machine_memory(device)
+    if have and need > have:
+        raise UserError(f"--batch {batch} needs at least {need / 2**30:,.1f} GiB (recurrent state and tokens); "
+                        f"{device.type} memory here is {have / 2**30:,.1f} GiB")
+
+
+def output_paths(out: Path, names: list[str], overwrite: bool) -> list[Path]:
+    """Where the WAVs go: `names` in `out`, or (without --overwrite, when any exists) the same
+    names with the first free suffix _2, _3, ... so nothing is overwritten."""
+    paths = [out / n for n in names]
+    if overwrite or not any(p.exists() for p in paths):
+        return paths
+    k = 2
+    while True:
+        paths = [out / f"{Path(n).stem}_{k}{Path(n).suffix}" for n in names]
+        if not any(p.exists() for p in paths):
+            return paths
+        k += 1
+
+
 def run(args) -> int:
-    if args.seconds <= 0 or args.batch < 1:
-        raise UserError("--seconds must be > 0 and --batch >= 1")
-    if args.temperature <= 0 or not 0 < args.top_p <= 1:
-        raise UserError("--temperature must be > 0 and --top-p in (0, 1]")
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available")
+    check_args(args)
+    device = resolve_device(args.device)
+    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "samples"
     try:
         model = load_model(args.checkpoint, device)
     except CheckpointError as exc:
         raise UserError(str(exc)) from None
+    check_out_dir(out)
     cfg = model.cfg
+    frames = int(round(args.seconds * cfg.sample_rate))
+    if frames < 1:
+        raise UserError(f"--seconds {args.seconds} is less than one sample at {cfg.sample_rate} Hz")
+    check_batch_fits(model, args.batch, frames, device)
     quantizer = Quantizer(cfg.quantization, cfg.bits)
     prompt = None
     if args.prompt:
@@ -348,16 +395,18 @@ def run(args) -> int:
             raise UserError(str(exc)) from None
         if prompt.shape[0] == 0:
             raise UserError(f"the prompt {args.prompt} holds no audio")
-    frames = int(round(args.seconds * cfg.sample_rate))
+        if not torch.isfinite(prompt).all():
+            raise UserError(f"the prompt {args.prompt} holds NaN or infinite samples")
     try:
         audio, loglik = generate_audio(model, frames, args.batch, quantizer, args.temperature, args.top_p,
                                        prompt, args.seed, cuda_graphs=False if args.no_cuda_graphs else None)
     except GraphCaptureError as exc:
         raise UserError(str(exc)) from None
-    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "samples"
     n_gen = audio.shape[1] * cfg.channels - (prompt.numel() if prompt is not None else 0)
-    for i in choose(loglik, args.keep):
-        path = write_wav(out / f"sample_seed{args.seed}_{i:03d}.wav", audio[i], cfg.sample_rate)
+    kept = choose(loglik, args.keep)
+    paths = output_paths(out, [f"sample_seed{args.seed}_{i:03d}.wav" for i in kept], args.overwrite)
+    for i, target in zip(kept, paths):
+        path = write_wav(target, audio[i], cfg.sample_rate)
         print(f"{path}  log-likelihood {loglik[i].item():.1f} bits "
               f"({-loglik[i].item() / max(1, n_gen):.3f} bits/sample NLL), "
               f"{audio.shape[1] / cfg.sample_rate:.2f} s, {cfg.channels} ch, {cfg.sample_rate} Hz")

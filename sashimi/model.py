@@ -66,6 +66,14 @@ class ModelConfig:
             problems.append(f"embed_init must be 'ordinal' or 'normal', got {self.embed_init!r}")
         if self.tie_weights and self.head != "categorical":
             problems.append("weight tying needs the categorical head")
+        for name in ("d_model", "n_layers", "expand", "ff", "d_state", "seq_len", "sample_rate", "n_mixtures"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                problems.append(f"{name} must be a positive integer, got {value!r}")
+        if any(p < 1 for p in self.pool):
+            problems.append(f"pool factors must be >= 1, got {list(self.pool)}")
+        if problems:
+            raise ValueError("; ".join(problems))
         if self.l_max % self.pool_factor:
             problems.append(f"seq_len x channels = {self.l_max} must be a multiple of the total pooling "
                             f"factor {self.pool_factor} (pool={list(self.pool)})")
@@ -433,7 +441,10 @@ class SaShiMi(nn.Module):
         validated the tokens already, as the trainer does on the CPU side of the loader."""
         with nvtx_range("sashimi/model/encoder"):
             # fp32 out even under bf16 autocast: it starts the residual stream, which stays fp32
+            # under torch.use_deterministic_algorithms (train --deterministic) the backward
+            # sums in a fixed order instead of with atomics
             return kernels.embed_interleave(tokens, self.embedding.weight, check=check_tokens,
+                                            deterministic=torch.are_deterministic_algorithms_enabled(),
                                             backend=self.cfg.kernel_backend)
 
     def forward(self, tokens: torch.Tensor, check_tokens: bool = True) -> torch.Tensor:

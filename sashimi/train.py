@@ -11,6 +11,7 @@ DistributedDataParallel (nccl on GPUs, gloo on CPU); only rank 0 writes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import math
@@ -28,13 +29,14 @@ from torch import nn
 from kernels._utils import nvtx_range
 from kernels.reference import check_tokens
 from sashimi import checkpoint
-from sashimi.cli import UserError, run_cli
+from sashimi.cli import UserError, check_out_dir, machine_memory, resolve_device, run_cli
 from sashimi.checkpoint import CheckpointError
 from sashimi.model import PRESETS, ModelConfig, SaShiMi, count_parameters
 from sashimi.quantize import Quantizer
 from sashimi.s4 import S4Layer
 
 CHECKPOINT_NAME = "checkpoint.pt"
+DIVERGED_FACTOR = 1.5  # a loss above 1.5x a uniform guess's bits/sample counts as diverged
 
 
 @dataclass
@@ -55,6 +57,7 @@ class TrainConfig:
     sample_every: int = 0
     sample_seconds: float = 1.0
     compile: bool = False
+    deterministic: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -96,7 +99,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sample-every", type=int, default=None, help="write a short sample every N steps (0: never)")
     p.add_argument("--sample-seconds", type=float, default=None, help="length of those samples (default 1.0)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the training step (GPU)")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="bitwise-repeatable runs: deterministic algorithms and one CPU thread (slower on CPU)")
     return p.parse_args(argv)
+
+
+def check_args(args) -> None:
+    """Numeric flags a user can get wrong: one line each, before any work is done."""
+    def bad(flag, value, want):
+        raise UserError(f"--{flag} must be {want}, got {value!r}")
+
+    for flag, minimum in (("seq_len", 1), ("sample_rate", 1), ("n_mixtures", 1), ("steps", 1),
+                          ("batch_size", 1), ("val_every", 1), ("checkpoint_every", 1),
+                          ("seed", 0), ("num_workers", 0), ("sample_every", 0)):
+        value = getattr(args, flag, None)
+        if value is not None and value < minimum:
+            bad(flag.replace("_", "-"), value, f">= {minimum}")
+    for flag in ("lr", "sample_seconds"):
+        value = getattr(args, flag, None)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            bad(flag.replace("_", "-"), value, "a finite number > 0")
 
 
 def model_config_from_args(args) -> ModelConfig:
@@ -116,11 +138,9 @@ def train_config_from_args(args, base: TrainConfig | None = None) -> TrainConfig
     given = dict(data=args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                  precision=args.precision, seed=args.seed, num_workers=args.num_workers,
                  val_every=args.val_every, checkpoint_every=args.checkpoint_every,
-                 sample_every=args.sample_every, sample_seconds=args.sample_seconds, compile=args.compile)
+                 sample_every=args.sample_every, sample_seconds=args.sample_seconds, compile=args.compile,
+                 deterministic=args.deterministic)
     cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})
-    for name in ("steps", "batch_size", "val_every", "checkpoint_every"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     return cfg
 
 
@@ -139,25 +159,161 @@ def check_resume_flags(args, saved: ModelConfig) -> None:
         raise UserError("--resume: these flags differ from the checkpoint's model config: " + ", ".join(diffs))
 
 
+# What --resume does with each training flag. The data of step s is a function of (data, seed,
+# batch size), so changing one would silently change what the rest of the run trains on:
+# refused. Every other TrainConfig field is applied from the resumed step on and printed;
+# the checkpoint then records the value in use (and `resumes` lists every change and when).
+RESUME_REFUSED = ("data", "seed", "batch_size")
+REQUIRED_KEYS = ("model_config", "train_config", "model", "optimizer", "step", "rng")
+
+
+def resume_plan(args, saved: dict, path) -> tuple[ModelConfig, TrainConfig, int, list[str]]:
+    """(model config, train config to use, step, printed changes) for resuming from `saved`."""
+    missing = [k for k in REQUIRED_KEYS if k not in saved]
+    if missing:
+        raise UserError(f"--resume: {path} has no {', '.join(missing)} (not written by sashimi.train)")
+    step = saved["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise UserError(f"--resume: {path} has an invalid step {step!r}")
+    try:
+        model_cfg = ModelConfig.from_dict(saved["model_config"])
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise UserError(f"--resume: {path}: unusable model config: {exc}") from None
+    check_resume_flags(args, model_cfg)
+    stored = saved["train_config"]
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    if not isinstance(stored, dict):
+        raise UserError(f"--resume: {path}: train_config is not a dict")
+    unknown = sorted(set(stored) - known)
+    if unknown:
+        raise UserError(f"--resume: {path}: unknown train_config keys {unknown} (written by a newer version?)")
+    try:
+        old = TrainConfig(**stored)
+    except TypeError as exc:
+        raise UserError(f"--resume: {path}: unusable train_config: {exc}") from None
+    new = train_config_from_args(args, old)
+    refused = [f"--{k.replace('_', '-')} {getattr(new, k)!r} (the run used {getattr(old, k)!r})"
+               for k in RESUME_REFUSED if getattr(new, k) != getattr(old, k)]
+    if refused:
+        raise UserError("--resume: every step's data depends on this, it cannot change mid-run: "
+                        + ", ".join(refused) + "; start a new run (another --out) instead")
+    if new.steps <= step:
+        raise UserError(f"--resume: the run in {Path(path).parent} is already at step {step} "
+                        f"(of {old.steps}); pass --steps N with N > {step} to train further")
+    changes = []
+    for f in dataclasses.fields(TrainConfig):
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        if a != b:
+            changes.append(f"{f.name.replace('_', '-')} {a!r} -> {b!r}")
+    if new.steps != old.steps:
+        changes.append(f"cosine schedule re-planned for {new.steps} steps (was {old.steps})")
+    return model_cfg, new, step, changes
+
+
+class RunLock:
+    """An exclusive lock on a run folder (flock on `.lock`): a second run into the same --out is
+    refused. The kernel drops the lock when the process dies, so a killed run leaves no stale lock."""
+
+    def __init__(self, out: Path):
+        self.path = out / ".lock"
+        self.fd: int | None = None
+
+    def __enter__(self):
+        import fcntl
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UserError(f"--out {self.path.parent}: cannot write there ({exc.strerror or exc})") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            self.fd = None
+            raise UserError(f"another training run (pid {holder}) is using {self.path.parent}; "
+                            f"wait for it or choose another --out") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)  # releases the flock
+            self.fd = None
+
+
+def check_batch_fits(cfg: ModelConfig, batch: int, device: torch.device) -> None:
+    """Refuse a batch whose activations cannot fit: a lower bound (the head's output and its
+    gradient, and one fp32 activation and gradient per backbone layer), never an overestimate."""
+    per_token = 4 * 2 * ((cfg.levels if cfg.head == "categorical" else 3 * cfg.n_mixtures)
+                         + cfg.d_model * cfg.n_layers)
+    need = batch * cfg.l_max * per_token
+    have = machine_memory(device)
+    if have and need > have:
+        raise UserError(f"--batch-size {batch} needs at least {need / 2**30:,.0f} GiB for activations "
+                        f"({cfg.l_max} tokens x {batch}); {device.type} memory here is {have / 2**30:,.0f} GiB")
+
+
+def warn_big_softmax(cfg: ModelConfig) -> None:
+    if cfg.bits == 16 and cfg.head == "categorical":
+        params = cfg.levels * (cfg.d_model + 1) * (1 if cfg.tie_weights else 2)
+        print(f"warning: --bits 16 with the categorical head is a {cfg.levels:,}-way softmax: ~{params / 1e6:.1f} M "
+              f"head parameters and (batch x length x {cfg.levels:,}) logits per step; --head dml "
+              f"(a discretised logistic mixture) is the usual choice at 16 bits", file=sys.stderr)
+
+
+def trim_log(log_path: Path, step: int) -> None:
+    """On resume, drop log rows past the checkpoint's step (the resumed run writes them again)."""
+    if not log_path.exists():
+        return
+    with open(log_path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return
+    kept = [rows[0]] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
+    if len(kept) == len(rows):
+        return
+    tmp = log_path.with_name(log_path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows(kept)
+    os.replace(tmp, log_path)
+
+
+def load_for_resume(ckpt_path: Path, move_aside: bool = True):
+    """The newest usable checkpoint of the run: checkpoint.pt, or checkpoint.prev.pt when the
+    latest is missing, damaged or holds non-finite weights. Returns (payload, path, note)."""
+    prev = checkpoint.previous_path(ckpt_path)
+    problems = []
+    for path in (ckpt_path, prev):
+        if not path.exists():
+            continue
+        try:
+            payload = checkpoint.load(path)
+            if isinstance(payload.get("model"), dict):
+                checkpoint.check_finite_weights(payload["model"], path)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            continue
+        note = f"resuming from {path}"
+        if problems:
+            note += f" (the latest was unusable: {problems[0]})"
+            if ckpt_path.exists() and path != ckpt_path and move_aside:
+                # so the next save does not keep the damaged file as checkpoint.prev.pt
+                aside = ckpt_path.with_name(f"{ckpt_path.stem}.damaged{ckpt_path.suffix}")
+                os.replace(ckpt_path, aside)
+                note += f"; it is moved to {aside.name}"
+        return payload, path, note
+    if problems:
+        raise UserError("--resume: no usable checkpoint: " + "; ".join(problems))
+    raise UserError(f"--resume: no checkpoint in {ckpt_path.parent} (nothing to resume; drop --resume to start)")
+
+
 # --------------------------------------------------------------------------------------------
 # pieces of the loop
 # --------------------------------------------------------------------------------------------
-def resolve_device(name: str, local_rank: int | None) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA device is available (use --device cpu)")
-        if local_rank is not None:
-            return torch.device("cuda", local_rank)
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device: unknown device {name!r}") from None
-
-
 def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
     """S4's groups: SSM parameters (dt, A, B, P) at their own lr without weight decay."""
+    # keyed by kind, not by value, so the groups are the same whatever --lr is (resume can change it)
     groups: dict[tuple, list] = {}
     seen = set()
     for p in model.parameters():
@@ -165,9 +321,10 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]
             continue
         seen.add(id(p))
         hint = getattr(p, "_optim", None)
-        key = (hint["lr"], hint["weight_decay"]) if hint else (lr, weight_decay if p.dim() >= 2 else 0.0)
+        key = ("ssm", hint["lr"], hint["weight_decay"]) if hint else \
+              ("dense", lr, weight_decay if p.dim() >= 2 else 0.0)
         groups.setdefault(key, []).append(p)
-    return [dict(params=ps, lr=k[0], weight_decay=k[1], base_lr=k[0]) for k, ps in groups.items()]
+    return [dict(params=ps, lr=k[1], weight_decay=k[2], base_lr=k[1]) for k, ps in groups.items()]
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -217,27 +374,38 @@ def validate(model: SaShiMi, batches, device, precision: str, distributed: bool)
 
 
 class StopFlag:
-    """First Ctrl-C: finish the step, write a checkpoint, exit. Second: stop at once."""
+    """First Ctrl-C or SIGTERM (what SLURM, Kubernetes and `timeout` send on preemption): finish
+    the step, write a checkpoint, exit non-zero (130 / 143). A second one: stop at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.stop = False
-        self._previous = None
+        self.signum: int | None = None
+        self._previous: dict = {}
 
     def __enter__(self):
         if threading_main():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or signal.SIGINT)
 
     def _handle(self, signum, frame):
         if self.stop:
             raise KeyboardInterrupt
         self.stop = True
-        print("\ninterrupted: finishing this step and writing a checkpoint (Ctrl-C again to abort)",
+        self.signum = signum
+        name = "interrupted" if signum == signal.SIGINT else f"{signal.Signals(signum).name} received"
+        print(f"\n{name}: finishing this step and writing a checkpoint (send it again to abort)",
               file=sys.stderr)
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def threading_main() -> bool:
@@ -249,8 +417,7 @@ def threading_main() -> bool:
 # the run
 # --------------------------------------------------------------------------------------------
 def run(args) -> int:
-    from sashimi.data import AudioCrops, DataError, train_batches, valid_batches
-
+    check_args(args)
     distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -262,23 +429,46 @@ def run(args) -> int:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     main = rank == 0
     out = Path(args.out)
+    if main:
+        check_out_dir(out)
+    with RunLock(out) if main else contextlib.nullcontext():
+        return _run_locked(args, device, distributed, rank, world, main, out)
+
+
+def _run_locked(args, device, distributed, rank, world, main, out: Path) -> int:
+    from sashimi.data import AudioCrops, DataError, train_batches, valid_batches
+
     ckpt_path = out / CHECKPOINT_NAME
+    if main:
+        checkpoint.remove_stale_temporaries(out, CHECKPOINT_NAME)
 
     saved = None
+    changes: list[str] = []
+    resumes: list[dict] = []
     if args.resume:
-        try:
-            saved = checkpoint.load(ckpt_path)
-            model_cfg = ModelConfig.from_dict(saved["model_config"])
-        except (CheckpointError, ValueError, TypeError) as exc:
-            raise UserError(f"--resume: {exc}") from None
-        check_resume_flags(args, model_cfg)
-        train_cfg = train_config_from_args(args, TrainConfig(**saved["train_config"]))
+        saved, used_path, note = load_for_resume(ckpt_path, move_aside=main)
+        model_cfg, train_cfg, start_step, changes = resume_plan(args, saved, used_path)
+        resumes = list(saved.get("resumes", []))
+        resumes.append(dict(step=start_step, changes=changes))
+        if main:
+            print(note)
     else:
-        if ckpt_path.exists():
+        if ckpt_path.exists() or checkpoint.previous_path(ckpt_path).exists():
             raise UserError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
         model_cfg = model_config_from_args(args)
         train_cfg = train_config_from_args(args)
     model_cfg = dataclasses.replace(model_cfg, kernel_backend="reference" if device.type == "cpu" else "auto")
+    check_batch_fits(model_cfg, train_cfg.batch_size, device)
+    if main:
+        warn_big_softmax(model_cfg)
+    if train_cfg.deterministic:
+        # bitwise-repeatable: deterministic kernels (the embedding's backward sums in a fixed
+        # order), cuBLAS's fixed workspace, and one CPU thread (OpenMP reductions vary with it)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        if device.type == "cpu":
+            torch.set_num_threads(1)
 
     torch.manual_seed(train_cfg.seed)
     quantizer = Quantizer(model_cfg.quantization, model_cfg.bits)
@@ -293,16 +483,20 @@ def run(args) -> int:
     model = SaShiMi(model_cfg).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, train_cfg.lr, train_cfg.weight_decay),
                                   lr=train_cfg.lr, fused=device.type == "cuda")
-    start_step = 0
-    if saved is not None:
+    if saved is None:
+        start_step = 0
+    else:
         try:
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise UserError(f"--resume: the checkpoint's weights do not fit this model: "
-                            f"{str(exc).splitlines()[0]}") from None
-        start_step = saved["step"]
-        checkpoint.set_rng_state(saved["rng"])
+            checkpoint.set_rng_state(saved["rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+            raise UserError(f"--resume: the checkpoint does not fit this model: "
+                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        # the saved groups carry the old lr / weight decay: apply the current ones
+        for group, fresh in zip(optimizer.param_groups,
+                                param_groups(model, train_cfg.lr, train_cfg.weight_decay)):
+            group["base_lr"], group["weight_decay"] = fresh["base_lr"], fresh["weight_decay"]
     s4_layers = [m for m in model.modules() if isinstance(m, S4Layer)]
     loss_of: nn.Module = LossOf(model)
     if distributed:
@@ -316,14 +510,18 @@ def run(args) -> int:
               f"{model_cfg.bits}-bit {model_cfg.quantization}, head={model_cfg.head}, "
               f"{count_parameters(model):,} parameters, {model_cfg.sample_rate} Hz, "
               f"{model_cfg.seq_len} frames x {model_cfg.channels} ch, batch {train_cfg.batch_size} x {world}, "
-              f"device {device}" + (f", resuming at step {start_step}" if start_step else ""))
+              f"device {device}")
+        if saved is not None:
+            print(f"resuming at step {start_step}: " + ("; ".join(changes) if changes else "no flag changed"))
 
     def save(step: int) -> Path:
+        # the one before stays as checkpoint.prev.pt: a damaged latest never loses the run
         return checkpoint.save(ckpt_path, dict(
             model_config=dataclasses.replace(model_cfg, kernel_backend="auto").to_dict(),
             train_config=train_cfg.to_dict(), model=model.state_dict(), optimizer=optimizer.state_dict(),
             step=step, rng=checkpoint.rng_state(), data_position=dict(step=step, seed=train_cfg.seed, world_size=world),
-            tokens_seen=step * train_cfg.batch_size * world * model_cfg.l_max))
+            tokens_seen=step * train_cfg.batch_size * world * model_cfg.l_max, resumes=resumes),
+            keep_previous=True)
 
     batches = train_batches(train_set, batch_size=train_cfg.batch_size, start_step=start_step, rank=rank,
                             world_size=world, num_workers=train_cfg.num_workers,
@@ -337,7 +535,9 @@ def run(args) -> int:
     log_path = out / "log.csv"
     fields = ["step", "elapsed_s", "train_bits", "tokens_per_s", "lr", "val_bits"] + \
              (["val_bits_L", "val_bits_R"] if model_cfg.channels == 2 else ["val_bits_mono"])
-    if main and not (args.resume and log_path.exists()):
+    if main and args.resume and log_path.exists():
+        trim_log(log_path, start_step)  # rows written after the checkpoint are written again
+    elif main:
         with open(log_path, "w", newline="") as f:
             csv.DictWriter(f, fields).writeheader()
 
@@ -386,11 +586,11 @@ def run(args) -> int:
             # the loss is checked (one host sync) before anything is validated or saved
             if step % log_every == 0 or ckpt_due or val_due:
                 mean_loss = (loss_acc / window_steps).item()  # one host sync per log interval
-                if not math.isfinite(mean_loss):
+                diverged = diverged_reason(mean_loss, model_cfg, model if ckpt_due else None)
+                if diverged:
                     bar.close()
-                    print(f"stopping: non-finite training loss ({mean_loss}) at step {step}; "
-                          f"the last good checkpoint is kept at {ckpt_path if ckpt_path.exists() else '(none yet)'}",
-                          file=sys.stderr)
+                    print(f"stopping: {diverged} at step {step}; the last checkpoint from before it is kept at "
+                          f"{ckpt_path if ckpt_path.exists() else '(none yet)'}", file=sys.stderr)
                     status = 3
                     break
                 now = time.perf_counter()
@@ -411,7 +611,7 @@ def run(args) -> int:
             if main and train_cfg.sample_every and (step % train_cfg.sample_every == 0):
                 write_training_sample(model, out, step, train_cfg.sample_seconds, quantizer, bar)
             if stop.stop:
-                status = 130
+                status = stop.exit_code
                 break
     bar.close()
     if distributed:
@@ -421,10 +621,23 @@ def run(args) -> int:
         dist.destroy_process_group()
         if not same:
             status = status or 4
-    if main and status in (0, 130):
+    if main and status in (0, 130, 143):
         print(f"checkpoint: {ckpt_path} (step {step})")
         print(f"log: {log_path}")
     return status
+
+
+def diverged_reason(mean_loss: float, cfg: ModelConfig, model: nn.Module | None) -> str | None:
+    """Why training cannot go on, or None: a non-finite loss, a loss far above a uniform guess
+    (cfg.bits bits/sample) or, before a checkpoint is written, non-finite weights."""
+    if not math.isfinite(mean_loss):
+        return f"non-finite training loss ({mean_loss})"
+    if mean_loss > DIVERGED_FACTOR * cfg.bits:
+        return (f"the training loss diverged ({mean_loss:.2f} bits/sample, a uniform guess is {cfg.bits}; "
+                f"try a lower --lr)")
+    if model is not None and not all(torch.isfinite(p).all() for p in model.parameters()):
+        return "non-finite weights"
+    return None
 
 
 def ranks_agree(model: nn.Module) -> bool:

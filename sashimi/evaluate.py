@@ -1,0 +1,384 @@
+"""Score audio with a trained SaShiMi as generation sees it: `python -m sashimi.evaluate`.
+
+    python -m sashimi.evaluate --checkpoint RUN/checkpoint.pt --data DIR [--by-position]
+
+NLL in bits per sample, overall and per channel (L / R, or mono), over whole files or long
+excerpts of a folder of audio (`--data synthetic`: fresh clips of the built-in synthetic music,
+unseen in training). Each excerpt is scored as ONE continuous sequence through the model's
+exact recurrence, computed in parallel by `sashimi.prefill.prefill` (the state generation
+runs on), starting, like an unconditional sample, from one frame of silence: every frame of
+the excerpt is a target, the first one predicted from that silence.
+
+`--by-position` also scores the same audio in fresh windows of the training length (the
+excerpt tiled into windows of `seq_len` frames, each from a zero state: the condition the
+model was trained in) and reports both by position, so the difference at a position is what
+the long context does to the prediction there (length generalisation: ~0 when the model
+generalises beyond its window; large and positive when it does not). It writes
+`nll_by_position.csv`, a table on stdout and `nll_by_position.png` into `--out` (default:
+`<checkpoint folder>/eval`); every run writes `summary.json` there.
+
+Errors (a missing checkpoint or folder, no usable audio) are one line on stderr, exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sashimi import checkpoint
+from sashimi.cli import UserError, run_cli
+from sashimi.model import LN2, ModelConfig, SaShiMi
+from sashimi.prefill import prefill
+from sashimi.quantize import Quantizer
+from sashimi.s4 import S4Layer
+
+SYNTHETIC_SEED = 7_000_003   # the evaluation clips of `--data synthetic` (training uses seeds 0..)
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------
+def load_for_eval(path, device: torch.device) -> SaShiMi:
+    """The checkpoint's model, on `device`, in eval mode; UserError (one line) if unusable."""
+    try:
+        payload = checkpoint.load(path)
+    except checkpoint.CheckpointError as exc:
+        raise UserError(str(exc)) from None
+    try:
+        cfg = ModelConfig.from_dict(payload["model_config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{path}: unusable model config: {exc}") from None
+    backend = "reference" if device.type == "cpu" else "auto"
+    model = SaShiMi(dataclasses.replace(cfg, kernel_backend=backend))
+    try:
+        model.load_state_dict(payload["model"])
+    except (RuntimeError, KeyError) as exc:
+        raise UserError(f"{path}: weights do not fit the model config: {str(exc).splitlines()[0]}") from None
+    return model.to(device).eval()
+
+
+@dataclasses.dataclass
+class Excerpt:
+    name: str
+    audio: torch.Tensor       # float32 (frames, C) at the model's rate
+
+
+def synthetic_excerpts(cfg: ModelConfig, count: int, seconds: float) -> list[Excerpt]:
+    """`count` clips of the built-in synthetic music, from a seed no training run uses."""
+    from sashimi.data import SyntheticStereoMusic
+    music = SyntheticStereoMusic(cfg.sample_rate, seconds_per_clip=seconds, clips=count, seed=SYNTHETIC_SEED)
+    out = []
+    for i in range(count):
+        clip = music.clip(i)
+        if cfg.channels == 1:
+            clip = clip.mean(dim=1, keepdim=True)
+        out.append(Excerpt(f"synthetic:{i}", clip))
+    return out
+
+
+def folder_excerpts(root: str, cfg: ModelConfig, seconds: float | None, offset: float,
+                    per_file: int, min_frames: int) -> list[Excerpt]:
+    """Excerpts of every audio file under `root`: `per_file` of `seconds` each, evenly spaced from
+    `offset` (seconds=None: the whole file from `offset`). Unreadable and too-short files are
+    skipped with one warning naming them."""
+    from sashimi.data import AUDIO_SUFFIXES, DataError, audio_info, model_frames, read_audio
+    path = Path(root)
+    if not path.exists():
+        raise UserError(f"--data: {root} does not exist")
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*")
+                                                 if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+    if not files:
+        raise UserError(f"--data: no audio files (.wav, .flac, .ogg) under {root}")
+    sr = cfg.sample_rate
+    excerpts, skipped = [], []
+    for f in files:
+        name = f.name if path.is_file() else f.relative_to(path).as_posix()
+        try:
+            n_file, rate, _ = audio_info(f)
+            total = model_frames(n_file, rate, sr)
+            first = int(round(offset * sr))
+            avail = total - first
+            want = avail if seconds is None else min(avail, int(round(seconds * sr)))
+            if want < min_frames:
+                skipped.append(f"{name} (too short: {max(avail, 0)} frames after the offset)")
+                continue
+            room = avail - want
+            starts = [first + (room * k // max(1, per_file - 1) if per_file > 1 else 0) for k in range(per_file)]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")   # the mono-in-stereo note: the data module's own
+                for k, s in enumerate(sorted(set(starts))):
+                    audio = read_audio(f, sr, cfg.channels, s, want)
+                    excerpts.append(Excerpt(name if per_file == 1 else f"{name}@{s / sr:.2f}s", audio))
+        except DataError as exc:
+            skipped.append(f"{name} ({' '.join(str(exc).split())})")
+    if skipped:
+        print(f"warning: skipped {len(skipped)} of {len(files)} files: " + "; ".join(skipped[:10])
+              + (" ..." if len(skipped) > 10 else ""), file=sys.stderr)
+    if not excerpts:
+        raise UserError(f"--data: no usable audio under {root} (every file was unreadable or shorter "
+                        f"than {min_frames} frames at {sr} Hz)")
+    return excerpts
+
+
+# --------------------------------------------------------------------------------------------
+# scoring
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def score_continuous(model: SaShiMi, tokens: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """NLL in bits of every token of `tokens` (B, T, C), scored as one sequence per row through
+    the exact recurrence (prefill) after one frame of silence. Returns (B, T, C) float64."""
+    B, T, C = tokens.shape
+    if any(m._step is None for m in model.modules() if isinstance(m, S4Layer)):
+        model.setup_step()            # (evaluate() sets it up once; call again after weight changes)
+    zero = Quantizer(model.cfg.quantization, model.cfg.bits).zero_token
+    seq = torch.cat([torch.full((B, C), zero, dtype=torch.long, device=tokens.device),
+                     tokens.reshape(B, T * C).long()], 1)
+    _, out = prefill(model, seq[:, :-1], block=block, return_all=True)
+    out = out[:, C - 1:]                                   # the outputs that predict the excerpt
+    nll = -model.head.log_prob(out, seq[:, C:]) / LN2
+    return nll.double().view(B, T, C)
+
+
+@torch.no_grad()
+def score_windows(model: SaShiMi, tokens: torch.Tensor, window: int, block: int = 128,
+                  max_batch: int = 64) -> torch.Tensor:
+    """The same targets as `score_continuous`, but each run of `window` frames scored from a zero
+    state (after one silent frame), as in training: no context beyond the window."""
+    B, T, C = tokens.shape
+    n = math.ceil(T / window)
+    pad = n * window - T
+    x = torch.nn.functional.pad(tokens, (0, 0, 0, pad)).reshape(B * n, window, C)
+    parts = [score_continuous(model, x[i:i + max_batch], block) for i in range(0, B * n, max_batch)]
+    return torch.cat(parts).view(B, n * window, C)[:, :T]
+
+
+def position_bins(frames: int, window: int, sr: int, n_fine: int = 64) -> tuple[list, list]:
+    """(table bins, plot bins) as (start, end) frame ranges. Table: the first window, then
+    doubling multiples of it (1-2x, 2-4x, ...), then the last second when the excerpt is >= 2 s
+    long. Plot: about n_fine equal bins, each a whole number of windows or a fraction of one."""
+    table, a, b = [(0, min(window, frames))], window, 2 * window
+    while a < frames:
+        table.append((a, min(b, frames)))
+        a, b = b, 2 * b
+    if frames >= 2 * sr:
+        table.append((frames - sr, frames))
+    width = max(1, frames // n_fine)
+    fine = [(s, min(s + width, frames)) for s in range(0, frames, width)]
+    return table, fine
+
+
+def _mean(x: np.ndarray) -> float:
+    return float(x.mean()) if x.size else float("nan")
+
+
+def evaluate(model: SaShiMi, excerpts: list[Excerpt], by_position: bool, block: int = 128,
+             progress: bool = True) -> dict:
+    """Score every excerpt; returns per-excerpt and by-position results (numpy arrays)."""
+    cfg = model.cfg
+    quantizer = Quantizer(cfg.quantization, cfg.bits)
+    device = model.embedding.weight.device
+    model.setup_step()
+    cont, wind = [], []
+    t0 = time.perf_counter()
+    for i, ex in enumerate(excerpts):
+        tok = quantizer.encode(ex.audio.to(device)).unsqueeze(0)
+        cont.append(score_continuous(model, tok, block)[0].cpu().numpy())
+        if by_position:
+            wind.append(score_windows(model, tok, cfg.seq_len, block)[0].cpu().numpy())
+        if progress:
+            print(f"\r  scored {i + 1}/{len(excerpts)} excerpts ({time.perf_counter() - t0:.0f} s)",
+                  end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    return dict(continuous=cont, windows=wind if by_position else None)
+
+
+def channel_names(C: int) -> list[str]:
+    return ["L", "R"] if C == 2 else ["mono"]
+
+
+def summarise(cfg: ModelConfig, excerpts: list[Excerpt], scores: dict) -> dict:
+    """Overall and per-channel means (over all samples) and their standard errors (over
+    excerpts), and the NLL by position."""
+    C, sr, W = cfg.channels, cfg.sample_rate, cfg.seq_len
+    names = channel_names(C)
+    cont = scores["continuous"]
+    per_excerpt = np.array([c.mean() for c in cont])
+    weights = np.array([c.shape[0] for c in cont], dtype=np.float64)
+    allc = np.concatenate(cont, 0)                       # (sum T, C)
+    n = len(cont)
+    se = float(per_excerpt.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    summary = dict(
+        checkpoint_config=cfg.to_dict(), excerpts=n, frames=int(weights.sum()),
+        seconds=float(weights.sum() / sr), bits=float(allc.mean()), bits_se=se,
+        per_channel={nm: float(allc[:, c].mean()) for c, nm in enumerate(names)},
+        per_channel_se={nm: (float(np.array([x[:, c].mean() for x in cont]).std(ddof=1) / math.sqrt(n))
+                             if n > 1 else float("nan")) for c, nm in enumerate(names)},
+        training_window_frames=W,
+        per_excerpt={ex.name: float(v) for ex, v in zip(excerpts, per_excerpt)},
+    )
+    wind = scores.get("windows")
+    if wind is not None:
+        T = max(c.shape[0] for c in cont)
+        table, fine = position_bins(T, W, sr)
+
+        def rows(bins):
+            out = []
+            for a, b in bins:
+                cs = [c[a:b] for c in cont if c.shape[0] > a]
+                ws = [w[a:b] for w in wind if w.shape[0] > a]
+                cc, ww = np.concatenate(cs, 0), np.concatenate(ws, 0)
+                row = dict(start_s=a / sr, end_s=b / sr, continuous=_mean(cc), windows=_mean(ww),
+                           gap=_mean(cc) - _mean(ww), samples=int(cc.size))
+                for c, nm in enumerate(names):
+                    row[f"continuous_{nm}"] = _mean(cc[:, c])
+                    row[f"windows_{nm}"] = _mean(ww[:, c])
+                out.append(row)
+            return out
+
+        summary["by_position"] = rows(table)
+        summary["by_position_fine"] = rows(fine)
+        allw = np.concatenate(wind, 0)
+        summary["windows_bits"] = float(allw.mean())
+        first = np.concatenate([c[:W] for c in cont], 0)
+        summary["in_window_bits"] = float(first.mean())
+        if T >= 2 * sr:
+            last = np.concatenate([c[-sr:] for c in cont if c.shape[0] >= 2 * sr], 0)
+            lastw = np.concatenate([w[-sr:] for w in wind if w.shape[0] >= 2 * sr], 0)
+            summary["last_second_bits"] = float(last.mean())
+            summary["last_second_windows_bits"] = float(lastw.mean())
+            summary["last_second_gap"] = float(last.mean() - lastw.mean())
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# output
+# --------------------------------------------------------------------------------------------
+def format_table(summary: dict, channels: int) -> str:
+    names = channel_names(channels)
+    head = f"{'position (s)':>15} {'continuous':>10} {'windows':>8} {'gap':>7} " + \
+           " ".join(f"{'cont ' + nm:>7}" for nm in names)
+    lines = [head]
+    for r in summary["by_position"]:
+        span = f"{r['start_s']:.3f}-{r['end_s']:.3f}"
+        lines.append(f"{span:>15} {r['continuous']:>10.3f} {r['windows']:>8.3f} {r['gap']:>+7.3f} "
+                     + " ".join(f"{r['continuous_' + nm]:>7.3f}" for nm in names))
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    import csv
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.5f}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def plot(path: Path, summary: dict, channels: int, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = summary["by_position_fine"]
+    x = [(r["start_s"] + r["end_s"]) / 2 for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    ax.plot(x, [r["continuous"] for r in rows], "-", color="C0", lw=2, label="continuous (what generation sees)")
+    ax.plot(x, [r["windows"] for r in rows], "-", color="C2", lw=2, label="fresh training-length windows")
+    if channels == 2:
+        for nm, style in (("L", ":"), ("R", "--")):
+            ax.plot(x, [r[f"continuous_{nm}"] for r in rows], style, color="C0", lw=1, label=f"continuous, {nm}")
+    W = summary["training_window_frames"] / summary["checkpoint_config"]["sample_rate"]
+    ax.axvline(W, color="k", lw=0.8, ls="--", label=f"training window ({W * 1000:.0f} ms)")
+    ax.set_xlabel("position in the excerpt (s)")
+    ax.set_ylabel("NLL (bits / sample)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m sashimi.evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by sashimi.train")
+    p.add_argument("--data", default="synthetic",
+                   help="folder (or file) of WAV/FLAC/OGG audio, or 'synthetic': fresh clips of the built-in music")
+    p.add_argument("--seconds", type=float, default=4.0,
+                   help="excerpt length in seconds (0: whole files); shorter files are scored whole")
+    p.add_argument("--offset", type=float, default=0.0, help="where excerpts start in each file (seconds)")
+    p.add_argument("--excerpts-per-file", type=int, default=1, help="excerpts per file, evenly spaced")
+    p.add_argument("--clips", type=int, default=8, help="with --data synthetic: how many clips")
+    p.add_argument("--by-position", action="store_true",
+                   help="NLL by position, continuous vs fresh training-length windows (table, CSV, PNG)")
+    p.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>/eval)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--block", type=int, default=128, help="prefill block size")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    return p.parse_args(argv)
+
+
+def run(args) -> int:
+    if args.seconds < 0 or args.offset < 0 or args.excerpts_per_file < 1 or args.clips < 1 or args.block < 1:
+        raise UserError("--seconds and --offset must be >= 0, --excerpts-per-file, --clips and --block >= 1")
+    if args.data == "synthetic" and args.seconds == 0:
+        raise UserError("--data synthetic needs --seconds > 0")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    model = load_for_eval(args.checkpoint, device)
+    cfg = model.cfg
+    if args.data == "synthetic":
+        excerpts = synthetic_excerpts(cfg, args.clips, args.seconds)
+    else:
+        excerpts = folder_excerpts(args.data, cfg, args.seconds or None, args.offset,
+                                   args.excerpts_per_file, min_frames=2)
+    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "eval"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out: cannot create {out}: {exc.strerror or exc}") from None
+    t0 = time.perf_counter()
+    scores = evaluate(model, excerpts, args.by_position, args.block, progress=not args.quiet)
+    summary = summarise(cfg, excerpts, scores)
+    summary["data"] = args.data
+    summary["eval_seconds"] = time.perf_counter() - t0
+    names = channel_names(cfg.channels)
+    print(f"{summary['excerpts']} excerpts, {summary['seconds']:.1f} s of audio, "
+          f"training window {cfg.seq_len} frames ({cfg.seq_len / cfg.sample_rate * 1000:.0f} ms)")
+    print(f"NLL {summary['bits']:.3f} bits/sample (s.e. {summary['bits_se']:.3f} over excerpts); "
+          + ", ".join(f"{nm} {summary['per_channel'][nm]:.3f}" for nm in names))
+    if args.by_position:
+        print(format_table(summary, cfg.channels))
+        if "last_second_gap" in summary:
+            print(f"in-window (first {cfg.seq_len} frames) {summary['in_window_bits']:.3f}; last second: "
+                  f"continuous {summary['last_second_bits']:.3f} vs fresh windows "
+                  f"{summary['last_second_windows_bits']:.3f} (gap {summary['last_second_gap']:+.3f})")
+        write_csv(out / "nll_by_position.csv", summary["by_position_fine"])
+        plot(out / "nll_by_position.png", summary, cfg.channels,
+             f"{Path(args.checkpoint).name}: {args.data} ({summary['excerpts']} excerpts)")
+        print(f"wrote {out / 'nll_by_position.csv'}, {out / 'nll_by_position.png'}")
+    with open(out / "summary.json", "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"wrote {out / 'summary.json'}")
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_cli(parse_args, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

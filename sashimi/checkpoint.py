@@ -186,11 +186,16 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        msg = _first_line(exc)
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "GLOBAL" in str(exc):
+        text = str(exc)
+        # torch names the refused class ("Unsupported global: GLOBAL os.system ..."); anything
+        # else (an unknown opcode, a truncated stream) is damage
+        global_name = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), None)
+        if global_name is not None:
             raise CheckpointError(f"refusing to load {path}: it holds Python objects other than tensors "
                                   f"and plain data, which could run code when loaded (not loaded)") from None
-        raise CheckpointError(f"cannot read checkpoint {path}: damaged or not a checkpoint ({msg})") from None
+        detail = next((line.strip() for line in text.splitlines() if "Unsupported" in line),
+                      _first_line(exc))
+        raise CheckpointError(f"cannot read checkpoint {path}: damaged or not a checkpoint ({detail})") from None
     except Exception as exc:  # truncated, not a torch file, zip damage...
         raise CheckpointError(f"cannot read checkpoint {path}: damaged or not a checkpoint "
                               f"({type(exc).__name__}: {_first_line(exc)})") from None

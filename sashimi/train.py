@@ -250,8 +250,8 @@ def check_batch_fits(cfg: ModelConfig, batch: int, device: torch.device) -> None
     need = batch * cfg.l_max * per_token
     have = machine_memory(device)
     if have and need > have:
-        raise UserError(f"--batch-size {batch} needs at least {need / 2**30:,.0f} GiB for activations "
-                        f"({cfg.l_max} tokens x {batch}); {device.type} memory here is {have / 2**30:,.0f} GiB")
+        raise UserError(f"--batch-size {batch} needs at least {need / 2**30:,.1f} GiB for activations "
+                        f"({cfg.l_max} tokens x {batch}); {device.type} memory here is {have / 2**30:,.1f} GiB")
 
 
 def warn_big_softmax(cfg: ModelConfig) -> None:
@@ -458,9 +458,9 @@ def _run_locked(args, device, distributed, rank, world, main, out: Path) -> int:
         model_cfg = model_config_from_args(args)
         train_cfg = train_config_from_args(args)
     model_cfg = dataclasses.replace(model_cfg, kernel_backend="reference" if device.type == "cpu" else "auto")
-    check_batch_fits(model_cfg, train_cfg.batch_size, device)
     if main:
         warn_big_softmax(model_cfg)
+    check_batch_fits(model_cfg, train_cfg.batch_size, device)
     if train_cfg.deterministic:
         # bitwise-repeatable: deterministic kernels (the embedding's backward sums in a fixed
         # order), cuBLAS's fixed workspace, and one CPU thread (OpenMP reductions vary with it)

@@ -185,3 +185,92 @@ def test_sample_every_writes_wavs(tmp_path):
     assert [w.name for w in wavs] == ["step0000002.wav", "step0000004.wav"]
     info = sf.info(str(wavs[0]))
     assert info.channels == 2 and info.samplerate == 8000 and info.frames == 80
+
+
+def _wait_for_rows(proc, run_dir: Path, rows: int, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (run_dir / "log.csv").exists() and len(read_log(run_dir)) >= rows:
+            return
+        time.sleep(0.05)
+
+
+def test_sigterm_finishes_the_step_and_checkpoints(tmp_path):
+    """Preemption (SLURM, Kubernetes, `timeout`) sends SIGTERM: treated like the first Ctrl-C."""
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.Popen([sys.executable, "-m", "sashimi.train", "--steps", "500", "--checkpoint-every", "1000",
+                             *FAST, "--device", "cpu", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    _wait_for_rows(proc, out, 3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 143, err[-2000:]
+    assert "SIGTERM received" in err
+    saved = checkpoint.load(out / "checkpoint.pt")["step"]
+    steps = [int(r["step"]) for r in read_log(out) if r["train_bits"]]
+    assert 3 <= saved < 500 and steps[-1] == saved
+
+
+def test_resume_rewrites_the_log_and_cleans_up(tmp_path):
+    """A run killed after its last checkpoint logged steps it will redo: the log keeps each step
+    once; a temp file from a killed checkpoint write is removed."""
+    out = tmp_path / "run"
+    args = ["--steps", "4", "--checkpoint-every", "2", *FAST, "--device", "cpu", "--out", str(out)]
+    assert train_main(args) == 0
+    # as if killed after step 4's log row but before its checkpoint: only step 2 is saved
+    os.replace(out / "checkpoint.prev.pt", out / "checkpoint.pt")
+    (out / ".checkpoint.pt.deadbeef.tmp").write_bytes(b"half a checkpoint")
+    assert train_main(args + ["--resume"]) == 0
+    steps = [int(r["step"]) for r in read_log(out) if r["train_bits"]]
+    assert steps == [1, 2, 3, 4]
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_resume_applies_and_reports_changed_flags(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_main(["--steps", "4", *FAST, "--device", "cpu", "--out", str(out)]) == 0
+    capsys.readouterr()
+    # --lr equal to the S4 parameters' rate used to merge the optimiser groups
+    assert train_main(["--steps", "6", "--lr", "1e-3", *FAST, "--device", "cpu", "--out", str(out), "--resume"]) == 0
+    said = capsys.readouterr().out
+    assert "resuming at step 4: steps 4 -> 6; lr 0.004 -> 0.001; cosine schedule re-planned for 6 steps (was 4)" in said
+    assert train_main(["--steps", "8", "--lr", "0.1", *FAST, "--device", "cpu", "--out", str(out), "--resume"]) == 0
+    payload = checkpoint.load(out / "checkpoint.pt")
+    assert payload["train_config"]["lr"] == 0.1 and payload["train_config"]["steps"] == 8
+    assert [r["step"] for r in payload["resumes"]] == [4, 6]
+    lr_rows = [float(r["lr"]) for r in read_log(out) if r["lr"]]
+    assert lr_rows[-2] > 0.01  # the new rate is in use (step 7 of a cosine to 8 steps)
+
+
+def test_divergence_keeps_the_checkpoint_from_before(tmp_path, monkeypatch, capsys):
+    """A loss far above a uniform guess is divergence: stop, and keep the checkpoint from before."""
+    from sashimi.model import SaShiMi
+    real = SaShiMi.nll_bits
+    calls = {"n": 0}
+
+    def exploding(self, batch, **kw):
+        calls["n"] += 1
+        out = real(self, batch, **kw)
+        return out * 1e3 if calls["n"] >= 4 else out
+
+    monkeypatch.setattr(SaShiMi, "nll_bits", exploding)
+    out = tmp_path / "run"
+    rc = train_main(["--steps", "8", "--checkpoint-every", "2", *FAST, "--out", str(out), "--device", "cpu"])
+    assert rc == 3
+    assert "diverged" in capsys.readouterr().err
+    assert checkpoint.load(out / "checkpoint.pt")["step"] == 2
+
+
+def test_deterministic_runs_are_bitwise_equal(tmp_path):
+    """--deterministic: two identical runs give bitwise the same weights (whatever the thread count)."""
+    args = ["--stereo", "--steps", "3", *FAST, "--device", "cpu", "--deterministic"]
+    assert train_main(args + ["--out", str(tmp_path / "a")]) == 0
+    torch.set_num_threads(2)
+    try:
+        assert train_main(args + ["--out", str(tmp_path / "b")]) == 0
+    finally:
+        torch.set_num_threads(1)
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -67,9 +67,9 @@ class ModelConfig:
         if self.tie_weights and self.head != "categorical":
             problems.append("weight tying needs the categorical head")
         for name in ("d_model", "n_layers", "expand", "ff", "d_state", "seq_len", "sample_rate", "n_mixtures"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                problems.append(f"{name} must be a positive integer, got {value!r}")
+            value, least = getattr(self, name), 0 if name == "ff" else 1  # ff = 0: no feed-forward blocks
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                problems.append(f"{name} must be an integer >= {least}, got {value!r}")
         if any(p < 1 for p in self.pool):
             problems.append(f"pool factors must be >= 1, got {list(self.pool)}")
         if problems:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from sashimi import checkpoint
-from sashimi.cli import UserError, run_cli
+from sashimi.cli import UserError, check_out_dir, resolve_device, run_cli
 from sashimi.model import LN2, ModelConfig, SaShiMi
 from sashimi.prefill import prefill
 from sashimi.quantize import Quantizer
@@ -54,13 +54,19 @@ def load_for_eval(path, device: torch.device) -> SaShiMi:
         raise UserError(str(exc)) from None
     try:
         cfg = ModelConfig.from_dict(payload["model_config"])
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise UserError(f"{path}: unusable model config: {exc}") from None
+    if not isinstance(payload.get("model"), dict):
+        raise UserError(f"{path}: holds no model weights")
+    try:
+        checkpoint.check_finite_weights(payload["model"], path)
+    except checkpoint.CheckpointError as exc:
+        raise UserError(str(exc)) from None
     backend = "reference" if device.type == "cpu" else "auto"
     model = SaShiMi(dataclasses.replace(cfg, kernel_backend=backend))
     try:
         model.load_state_dict(payload["model"])
-    except (RuntimeError, KeyError) as exc:
+    except (RuntimeError, KeyError, TypeError) as exc:
         raise UserError(f"{path}: weights do not fit the model config: {str(exc).splitlines()[0]}") from None
     return model.to(device).eval()
 
@@ -324,7 +330,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--by-position", action="store_true",
                    help="NLL by position, continuous vs fresh training-length windows (table, CSV, PNG)")
     p.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>/eval)")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--block", type=int, default=128, help="prefill block size")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     return p.parse_args(argv)
@@ -335,9 +341,7 @@ def run(args) -> int:
         raise UserError("--seconds and --offset must be >= 0, --excerpts-per-file, --clips and --block >= 1")
     if args.data == "synthetic" and args.seconds == 0:
         raise UserError("--data synthetic needs --seconds > 0")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available")
+    device = resolve_device(args.device)
     model = load_for_eval(args.checkpoint, device)
     cfg = model.cfg
     if args.data == "synthetic":
@@ -346,10 +350,7 @@ def run(args) -> int:
         excerpts = folder_excerpts(args.data, cfg, args.seconds or None, args.offset,
                                    args.excerpts_per_file, min_frames=2)
     out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "eval"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"--out: cannot create {out}: {exc.strerror or exc}") from None
+    check_out_dir(out)
     t0 = time.perf_counter()
     scores = evaluate(model, excerpts, args.by_position, args.block, progress=not args.quiet)
     summary = summarise(cfg, excerpts, scores)

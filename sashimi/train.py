@@ -93,7 +93,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=None, help="default 0")
-    p.add_argument("--num-workers", type=int, default=None, help="data loader workers (default 2)")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="data loader workers (default: on CPU, chosen with --threads to fit the cores; else 2)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: the cores this process may use, less the data workers)")
     p.add_argument("--val-every", type=int, default=None, help="validate every N steps (default 250)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps (default 250)")
     p.add_argument("--sample-every", type=int, default=None, help="write a short sample every N steps (0: never)")
@@ -311,6 +314,27 @@ def load_for_resume(ckpt_path: Path, move_aside: bool = True):
 # --------------------------------------------------------------------------------------------
 # pieces of the loop
 # --------------------------------------------------------------------------------------------
+def cpu_plan(device: torch.device, synthetic: bool, workers: int | None, threads: int | None,
+             world: int = 1, cores: int | None = None) -> tuple[int | None, int]:
+    """(torch threads or None = leave as is, data workers) so that training does not
+    oversubscribe the cores: on a busy CPU, more runnable threads than cores made every step
+    4-7x slower (issue 12). On CPU the cores this process may use (its affinity), shared by the
+    `world` ranks on this machine, go to torch threads and data workers together: synthetic
+    data needs no workers (its tokens are precomputed); files get one worker per 4 cores, at least
+    one, at most two (each worker runs one thread). On CUDA: workers default to 2, threads are left alone.
+    Explicit --threads / --num-workers (or OMP_NUM_THREADS for the threads) win."""
+    if device.type != "cpu":
+        return threads, 2 if workers is None else workers
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = max(1, cores // max(1, world))
+    if workers is None:
+        workers = 0 if synthetic else min(2, max(1, cores // 4))
+    if threads is None and not os.environ.get("OMP_NUM_THREADS"):   # the user's OMP_NUM_THREADS stands
+        threads = max(1, cores - workers)
+    return threads, workers
+
+
 def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
     """S4's groups: SSM parameters (dt, A, B, P) at their own lr without weight decay."""
     # keyed by kind, not by value, so the groups are the same whatever --lr is (resume can change it)
@@ -523,8 +547,18 @@ def _run_locked(args, device, distributed, rank, world, main, out: Path) -> int:
             tokens_seen=step * train_cfg.batch_size * world * model_cfg.l_max, resumes=resumes),
             keep_previous=True)
 
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be >= 1, got {args.threads}")
+    threads, workers = cpu_plan(device, train_cfg.data is None, args.num_workers, args.threads,
+                                int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    if threads is not None and not train_cfg.deterministic:
+        torch.set_num_threads(threads)
+    if main:
+        print(f"threads: {torch.get_num_threads()} torch, {workers} data loader workers"
+              + (f" ({len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores; "
+                 "--threads / --num-workers override)" if device.type == "cpu" else ""))
     batches = train_batches(train_set, batch_size=train_cfg.batch_size, start_step=start_step, rank=rank,
-                            world_size=world, num_workers=train_cfg.num_workers,
+                            world_size=world, num_workers=workers,
                             pin_memory=device.type == "cuda")
     val_data = valid_batches(valid_set, batch_size=train_cfg.batch_size)
     # shard validation crops across ranks (the sums are all-reduced)

@@ -58,6 +58,8 @@ class TrainConfig:
     sample_seconds: float = 1.0
     compile: bool = False
     deterministic: bool = False
+    val_data: str | None = None   # a held-out folder: validation from it, training on all of `data`
+    val_crops: int = 256          # fixed validation crops (see AudioCrops: 16 read 0.05 bits off)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -95,6 +97,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None, help="default 0")
     p.add_argument("--num-workers", type=int, default=None,
                    help="data loader workers (default: on CPU, chosen with --threads to fit the cores; else 2)")
+    p.add_argument("--val-data", default=None,
+                   help="a held-out folder of audio to validate on (then all of --data trains)")
+    p.add_argument("--val-crops", type=int, default=None,
+                   help="validation crops (default 256; the mean is printed with its standard error)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: the cores this process may use, less the data workers)")
     p.add_argument("--val-every", type=int, default=None, help="validate every N steps (default 250)")
@@ -142,7 +148,7 @@ def train_config_from_args(args, base: TrainConfig | None = None) -> TrainConfig
                  precision=args.precision, seed=args.seed, num_workers=args.num_workers,
                  val_every=args.val_every, checkpoint_every=args.checkpoint_every,
                  sample_every=args.sample_every, sample_seconds=args.sample_seconds, compile=args.compile,
-                 deterministic=args.deterministic)
+                 deterministic=args.deterministic, val_data=args.val_data, val_crops=args.val_crops)
     cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})
     return cfg
 
@@ -166,7 +172,7 @@ def check_resume_flags(args, saved: ModelConfig) -> None:
 # batch size), so changing one would silently change what the rest of the run trains on:
 # refused. Every other TrainConfig field is applied from the resumed step on and printed;
 # the checkpoint then records the value in use (and `resumes` lists every change and when).
-RESUME_REFUSED = ("data", "seed", "batch_size")
+RESUME_REFUSED = ("data", "seed", "batch_size", "val_data")
 REQUIRED_KEYS = ("model_config", "train_config", "model", "optimizer", "step", "rng")
 
 
@@ -377,7 +383,7 @@ def validate(model: SaShiMi, batches, device, precision: str, distributed: bool)
     """Mean NLL in bits per sample, overall and per channel, over the fixed validation crops."""
     model.eval()
     C = model.cfg.channels
-    sums = torch.zeros(C + 1, dtype=torch.float64, device=device)
+    sums = torch.zeros(C + 3, dtype=torch.float64, device=device)  # per channel, count, crops, sum sq
     for batch in batches:
         batch = batch.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -385,12 +391,19 @@ def validate(model: SaShiMi, batches, device, precision: str, distributed: bool)
         for c, part in enumerate(SaShiMi.per_channel(nll, C)):
             sums[c] += part.sum().double()
         sums[C] += nll.numel()
+        per_crop = nll.double().mean(1)
+        sums[C + 1] += per_crop.numel()
+        sums[C + 2] += (per_crop ** 2).sum()
     if distributed:
         dist.all_reduce(sums)
     model.train()
     count = sums[C].item()
     per = [(sums[c] / (count / C)).item() for c in range(C)] if count else [float("nan")] * C
     result = {"val_bits": sum(per) / C}
+    n = sums[C + 1].item()
+    if n > 1:   # standard error of the mean over crops (crops of one file are not independent)
+        var = max(0.0, (sums[C + 2].item() - n * result["val_bits"] ** 2) / (n - 1))
+        result["val_se"] = math.sqrt(var / n)
     names = ["L", "R"] if C == 2 else ["mono"]
     for name, v in zip(names, per):
         result[f"val_bits_{name}"] = v
@@ -499,8 +512,14 @@ def _run_locked(args, device, distributed, rank, world, main, out: Path) -> int:
     try:
         crops = dict(sample_rate=model_cfg.sample_rate, channels=model_cfg.channels,
                      crop_frames=model_cfg.seq_len + 1, quantizer=quantizer, seed=train_cfg.seed)
-        train_set = AudioCrops(train_cfg.data, split="train", **crops)
-        valid_set = AudioCrops(train_cfg.data, split="valid", **crops)
+        if train_cfg.val_crops < 1:
+            raise UserError(f"--val-crops must be >= 1, got {train_cfg.val_crops}")
+        if train_cfg.val_data is not None and train_cfg.data is None:
+            raise UserError("--val-data needs --data (the built-in synthetic music has its own held-out clips)")
+        held_out = train_cfg.val_data is not None
+        train_set = AudioCrops(train_cfg.data, split="train", whole=held_out, **crops)
+        valid_set = AudioCrops(train_cfg.val_data if held_out else train_cfg.data, split="valid",
+                               whole=held_out, valid_crops=train_cfg.val_crops, **crops)
     except DataError as exc:
         raise UserError(str(exc)) from None
 

@@ -2,6 +2,7 @@
 # The test command: sets up .venv if needed, then runs
 #   1. the kernel tests on the Triton code (on CPU under TRITON_INTERPRET=1 when there is no GPU),
 #   2. everything else (model, data, training, generation) on the reference paths,
+#   2b. (no GPU) the rehearsal of the GPU session's check, `python -m bench.gpu_check --dry-run`,
 #   3. the self-test, the sm_90 compile check of every kernel config (no GPU needed), and the
 #      benchmark suite (which skips cleanly without a GPU).
 set -euo pipefail
@@ -23,6 +24,11 @@ if "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'
 else
   echo "== kernel tests: Triton code under the interpreter, on CPU"
   TRITON_INTERPRET=1 run_pytest -q -m interpreter --device=cpu tests "$@"
+  echo "== the GPU session's one-call check, rehearsed on CPU: python -m bench.gpu_check --dry-run"
+  gc_out=$(mktemp -d); gc_t0=$SECONDS
+  if ! "$PY" -m bench.gpu_check --dry-run --out "$gc_out" > "$gc_out.log" 2>&1; then cat "$gc_out.log"; exit 1; fi
+  echo "gpu_check --dry-run: every stage ok in $((SECONDS - gc_t0)) s wall on $(nproc) cores ($gc_out)"
+  export GPU_CHECK_DRY_RUN_OUT=$gc_out   # tests/test_gpu_check.py checks this run's results
   echo "== model, data, training and generation tests (reference paths, CPU)"
   run_pytest -q -m "not interpreter" --device=cpu tests "$@"
   echo "== self-test (Triton under the interpreter)"

@@ -1,0 +1,41 @@
+"""`python -m bench.gpu_check`: the whole GPU picture from one device call (<= 8 minutes).
+
+    python -m bench.gpu_check [--out DIR] [--dry-run] [--budget S] [--stages a,b] [--triton-cache DIR]
+    python -m bench.gpu_check.wheels          # here, once: the wheels the GPU machine lacks -> wheels/
+
+Stages, in order, each in its own process with its own time box (seconds on the GPU; a stage
+that runs past its box is killed and the next one starts), results written as they come:
+
+  setup     install wheels/ (pip --target, no network)                                    60
+  facts     device (name, SMs, memory, clocks via nvidia-smi), versions, the packages the
+            session needs, copy / fp32 matmul ceilings, `python -m kernels.selftest`      75
+  headline  medians with p20-p80 spread: cauchy and vandermonde fwd and fwd+bwd at
+            B=1024, N/2=32, L=16384, Triton and the reference; the paper preset's training
+            step, mono B=8 x 16384 and stereo B=4 x 16384 x 2, fp32 and bf16, eager then
+            torch.compile (tokens/s, peak memory, first-call compile/autotune seconds);
+            generation steps/s at batch 1 and 256, CUDA graphs and eager, mono and stereo;
+            recurrence vs convolution relative error at the paper size, 512 steps      240
+  tests     pytest -m "gpu or interpreter" tests --device cuda, hypothesis profile interp 120
+  profile   profiles/torch_profile.py: one training step and one generation step         45
+  bench     the rest of `pytest bench --benchmark-only`, file by file, while time is left
+            (the headline's own benchmarks are deselected, not measured twice)          rest
+
+Output (at most 8 files come back from the device's $OUT; these are 5):
+  gpu_check.json  everything, machine-readable; rewritten after every figure and stage
+  summary.txt     the short text version of it
+  bench.json      pytest-benchmark JSON of every timing (headline + the rest of bench/), for
+                  `scripts/make_benchmarks.py` and `python -m bench.compare`
+  profile.txt     the torch.profiler tables
+  log.txt         every stage's output
+
+Exit status 0 when every stage that ran was ok. `--dry-run` is the CPU rehearsal that CI runs
+(scripts/test.sh): the same stages and code, Triton under TRITON_INTERPRET=1, tiny sizes, every
+result field written; what needs a GPU (CUDA graphs, Inductor) is replaced by its eager CPU twin
+and says so in the figure's label.
+
+Compile and autotune: on the GPU, TRITON_CACHE_AUTOTUNING=1 (each kernel is tuned once in the
+session; later stages reuse it from the cache dir) and TRITON_PRINT_AUTOTUNING=1 (the configs
+chosen and tuning time, in log.txt); gpu_check.json's `autotune` lists every autotuned kernel's
+configs and choices, each stage records `triton_cache_new_entries` (with a carried prebuilt
+`--triton-cache`, 0 means every compile was a hit), each timed figure its `first_call_s`.
+"""

@@ -224,3 +224,27 @@ def check_finite_weights(state_dict: dict, path) -> None:
     if bad:
         raise CheckpointError(f"{path} holds non-finite weights ({', '.join(bad[:3])}"
                               f"{' ...' if len(bad) > 3 else ''}): the run it came from diverged")
+
+
+def load_model(path, device="cpu"):
+    """(model, payload): the checkpoint's SaShiMi on `device` in eval mode (reference kernels on
+    CPU, Triton on CUDA), or CheckpointError with one line (bad config, no or non-finite
+    weights, weights that do not fit the config)."""
+    import dataclasses
+
+    from sashimi.model import ModelConfig, SaShiMi
+    payload = load(path)
+    try:
+        cfg = ModelConfig.from_dict(payload["model_config"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: unusable model config: {exc}") from None
+    if not isinstance(payload.get("model"), dict):
+        raise CheckpointError(f"{path}: holds no model weights")
+    check_finite_weights(payload["model"], path)
+    device = torch.device(device)
+    model = SaShiMi(dataclasses.replace(cfg, kernel_backend="reference" if device.type == "cpu" else "auto"))
+    try:
+        model.load_state_dict(payload["model"])
+    except (RuntimeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: weights do not fit the model config: {str(exc).splitlines()[0]}") from None
+    return model.to(device).eval(), payload

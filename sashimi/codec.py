@@ -85,21 +85,11 @@ def read_input(path: Path, sample_rate: int, channels: int) -> tuple[torch.Tenso
 
 def load_model(path) -> tuple[SaShiMi, str]:
     """The checkpoint's model on CPU (reference kernels) and its content SHA-256."""
-    import dataclasses
-
-    from sashimi.model import ModelConfig
     try:
-        payload = checkpoint.load(path)
-        cfg = ModelConfig.from_dict(payload["model_config"])
-        checkpoint.check_finite_weights(payload["model"], path)
-        model = SaShiMi(dataclasses.replace(cfg, kernel_backend="reference"))
-        model.load_state_dict(payload["model"])
+        model, payload = checkpoint.load_model(path, "cpu")
     except checkpoint.CheckpointError as exc:
         raise CodecError(str(exc)) from None
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise CodecError(f"{path}: not a usable model checkpoint ({str(exc).splitlines()[0]})") from None
-    digest = payload.get("sha256") or checkpoint.content_hash(payload)
-    return model.eval(), digest
+    return model, payload.get("sha256") or checkpoint.content_hash(payload)
 
 
 def _distribution(model: SaShiMi, out: torch.Tensor) -> np.ndarray:

@@ -26,34 +26,18 @@ import numpy as np
 import torch
 from torch.utils._pytree import tree_leaves
 
-from kernels._utils import nvtx_range
+from kernels.profiling import nvtx_range
 from sashimi import checkpoint
 from sashimi.cli import UserError, check_out_dir, machine_memory, resolve_device, run_cli
 from sashimi.checkpoint import CheckpointError
-from sashimi.model import ModelConfig, SaShiMi
+from sashimi.model import SaShiMi
 from sashimi.prefill import prefill
 from sashimi.quantize import Quantizer
 
 
 def load_model(path, device) -> SaShiMi:
     """Rebuild the model of a checkpoint; CheckpointError with one line if it can't."""
-    payload = checkpoint.load(path)
-    try:
-        cfg = ModelConfig.from_dict(payload["model_config"])
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise CheckpointError(f"{path}: unusable model config: {exc}") from None
-    if not isinstance(payload.get("model"), dict):
-        raise CheckpointError(f"{path}: holds no model weights")
-    checkpoint.check_finite_weights(payload["model"], path)
-    device = torch.device(device)
-    backend = "reference" if device.type == "cpu" else "auto"
-    import dataclasses
-    model = SaShiMi(dataclasses.replace(cfg, kernel_backend=backend))
-    try:
-        model.load_state_dict(payload["model"])
-    except (RuntimeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path}: weights do not fit the model config: {str(exc).splitlines()[0]}") from None
-    return model.to(device).eval()
+    return checkpoint.load_model(path, device)[0]
 
 
 class GraphCaptureError(RuntimeError):

@@ -7,6 +7,10 @@ Stages, in order, each in its own process with its own time box (seconds on the 
 that runs past its box is killed and the next one starts), results written as they come:
 
   setup     install wheels/ (pip --target, no network)                                    60
+  precompile  scripts/aot_check.py --cache-dir: every kernel x autotune config compiled for
+            sm_90 on all cores into the session's Triton cache (autotuning at run time
+            compiles one config at a time); what is not done at the box's end compiles
+            on first use as before                                                          60
   facts     device (name, SMs, memory, clocks via nvidia-smi), versions, the packages the
             session needs, copy / fp32 matmul ceilings, `python -m kernels.selftest`      75
   headline  medians with p20-p80 spread: cauchy and vandermonde fwd and fwd+bwd at
@@ -14,8 +18,9 @@ that runs past its box is killed and the next one starts), results written as th
             step, mono B=8 x 16384 and stereo B=4 x 16384 x 2, fp32 and bf16, eager then
             torch.compile (tokens/s, peak memory, first-call compile/autotune seconds);
             generation steps/s at batch 1 and 256, CUDA graphs and eager, mono and stereo;
-            recurrence vs convolution relative error at the paper size, 512 steps      240
-  tests     pytest -m "gpu or interpreter" tests --device cuda, hypothesis profile interp 120
+            recurrence vs convolution relative error at the paper size, 512 steps      220
+  tests     pytest -m "gpu or interpreter" tests --device cuda, hypothesis profile interp,
+            the gpu-marked tests first                                                    120
   profile   profiles/torch_profile.py: one training step and one generation step         45
   bench     the rest of `pytest bench --benchmark-only`, file by file, while time is left
             (the headline's own benchmarks are deselected, not measured twice)          rest
@@ -36,6 +41,7 @@ and says so in the figure's label.
 Compile and autotune: on the GPU, TRITON_CACHE_AUTOTUNING=1 (each kernel is tuned once in the
 session; later stages reuse it from the cache dir) and TRITON_PRINT_AUTOTUNING=1 (the configs
 chosen and tuning time, in log.txt); gpu_check.json's `autotune` lists every autotuned kernel's
-configs and choices, each stage records `triton_cache_new_entries` (with a carried prebuilt
-`--triton-cache`, 0 means every compile was a hit), each timed figure its `first_call_s`.
+configs and choices, each stage records `triton_new_cubins` (the kernels it compiled: after
+the precompile stage, each one is a cache miss of the runtime), each timed figure its
+`first_call_s` (compile + autotune + first run).
 """

@@ -9,6 +9,8 @@ Environment:
   GPU_CHECK_KEEP       N: run only the first N selected tests (the CPU rehearsal), after
                        collecting and counting the whole selection
   GPU_CHECK_KEEP_FROM  ... taken from the node ids that contain this string
+  GPU_CHECK_GPU_FIRST  1: run the @pytest.mark.gpu tests before the others (a time box that
+                       ends the run early cuts the kernel property tests, not those)
 """
 from __future__ import annotations
 
@@ -41,12 +43,18 @@ def _flush(force: bool = False) -> None:
             name, {}).update(tests=snap))
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(session, config, items):
+@pytest.hookimpl(tryfirst=True, specname="pytest_collection_modifyitems")
+def _expected_ids(session, config, items):
     expect = [x for x in os.environ.get("GPU_CHECK_EXPECT", "").split(";") if x]
     if expect:
         have = {item.nodeid for item in items}
         _state["missing_ids"] = [x for x in expect if x not in have]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session, config, items):
+    if os.environ.get("GPU_CHECK_GPU_FIRST") == "1":
+        items.sort(key=lambda it: it.get_closest_marker("gpu") is None)
 
 
 @pytest.hookimpl(trylast=True)

@@ -3,8 +3,9 @@
     python -m bench.gpu_check.wheels [--dest wheels] [--python-version 3.12]
 
 The device image (torch 2.11, triton 3.6, torchaudio 2.11, Python 3.12 at python3; its package
-list: /work/.library/device/KINDS.md) lacks soundfile (and its cffi / pycparser) and the Python
-nvtx package; hypothesis and pytest-benchmark are there in versions that may differ from the
+list: /work/.library/device/KINDS.md) lacks soundfile (and its cffi / pycparser), the Python
+nvtx package and constriction (the codec's range coder; tests/test_codec.py imports it, so the
+test stage's collection needs it); hypothesis and pytest-benchmark are there in versions that may differ from the
 tested ones (the derandomised hypothesis profile and the benchmark JSON depend on them), so the
 pinned ones travel too (pytest-benchmark 5 imports `cpuinfo` from py-cpuinfo2). Versions come
 from constraints.txt. Carry the folder with the device call (`carry: ["wheels"]`);
@@ -22,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 DEVICE_PYTHON = "3.12"
 # distribution names as in constraints.txt
-WHEELS = ("soundfile", "cffi", "pycparser", "nvtx", "hypothesis", "sortedcontainers",
+WHEELS = ("soundfile", "cffi", "pycparser", "nvtx", "constriction", "hypothesis", "sortedcontainers",
           "pytest-benchmark", "py-cpuinfo2")
 # on the device image already (KINDS.md, 2026-11-17), in versions that do for this package
 DEVICE_HAS = ("torch", "torchaudio", "triton", "numpy", "tqdm", "pytest", "pluggy", "iniconfig",

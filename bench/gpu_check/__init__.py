@@ -29,7 +29,7 @@ Output (at most 8 files come back from the device's $OUT; these are 5):
   gpu_check.json  everything, machine-readable; rewritten after every figure and stage
   summary.txt     the short text version of it
   bench.json      pytest-benchmark JSON of every timing (headline + the rest of bench/), for
-                  `scripts/make_benchmarks.py` and `python -m bench.compare`
+                  `python -m bench.report` (BENCHMARKS.md) and `python -m bench.compare`
   profile.txt     the torch.profiler tables
   log.txt         every stage's output
 

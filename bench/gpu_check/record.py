@@ -1,5 +1,5 @@
 """Results written as they come: OUT/gpu_check.json (everything), OUT/summary.txt (short text),
-OUT/bench.json (pytest-benchmark format, for make_benchmarks and bench.compare).
+OUT/bench.json (pytest-benchmark format, for bench.report and bench.compare).
 
 One writer at a time by construction: the orchestrator waits for each stage's process, and a
 stage's process is the only writer while it runs. Each write replaces the file atomically

@@ -118,7 +118,7 @@ def _cpu_name() -> str:
 
 
 def _info(ctx: Ctx, **kw) -> dict:
-    """extra_info keys that bench/_common.run records, for make_benchmarks and bench.compare."""
+    """extra_info keys that bench/_common.run records, for bench.report and bench.compare."""
     v = _versions()
     return dict(gpu_name=ctx.gpu_name, torch=v["torch"], triton=v["triton"],
                 git_sha=os.environ.get("GPU_CHECK_SHA", "unknown"), source="bench.gpu_check", **kw)

@@ -198,3 +198,37 @@ def test_train_step_is_the_benchmarks():
         assert torch.equal(mine(), theirs())
     for (k1, p1), (k2, p2) in zip(m1.state_dict().items(), m2.state_dict().items()):
         assert k1 == k2 and torch.equal(p1, p2), k1
+
+
+def test_a_stopped_call_stops_its_stage(tmp_path):
+    """SIGTERM to the orchestrator (a device call stopped at its limit): the running stage's
+    processes end too, and what was written stays."""
+    import signal
+    proc = subprocess.Popen([sys.executable, "-m", "bench.gpu_check", "--dry-run", "--out", str(tmp_path),
+                             "--stages", "facts"], cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and not _stage_pids(tmp_path):
+        time.sleep(0.2)
+    assert _stage_pids(tmp_path), "the facts stage never started"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    time.sleep(0.5)
+    assert not _stage_pids(tmp_path)
+    d = _result(tmp_path)
+    assert d["stopped_by"] == f"signal {int(signal.SIGTERM)}" and d["stages"]["facts"]["status"] == "running"
+
+
+def _stage_pids(out: Path) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if "bench.gpu_check.stages" in cmd and str(out) in cmd and state != "Z":
+            pids.append(int(proc.name))
+    return pids

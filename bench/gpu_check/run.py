@@ -50,8 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--wheels", default=str(ROOT / "wheels"),
                    help="wheel folder to install first (python -m bench.gpu_check.wheels fetches it)")
     p.add_argument("--triton-cache", default=None,
-                   help="TRITON_CACHE_DIR to use (e.g. a carried, prebuilt sm_90 cache); the new "
-                        "entries each stage adds are recorded (0 = every kernel was a cache hit)")
+                   help="TRITON_CACHE_DIR to use (default: $TRITON_CACHE_DIR, else ~/.triton/cache; a "
+                        "temporary one for --dry-run); each stage records the cubins it added "
+                        "(after the precompile stage: the runtime's cache misses)")
     p.add_argument("--sha", default=os.environ.get("GPU_CHECK_SHA"), help="git commit to record")
     a = p.parse_args(argv)
     stages = [s for s in a.stages.split(",") if s]
@@ -60,6 +61,17 @@ def parse_args(argv=None):
         p.error(f"unknown stage(s) {bad}; choose from {', '.join(STAGES)}")
     a.stages = stages
     return a
+
+
+def _own_group_dies_with_parent() -> None:
+    """In the stage's process: its own process group (killed whole at the end of its box), and
+    SIGTERM when the orchestrator dies (a device call stopped at its limit leaves no stage running)."""
+    os.setsid()
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except Exception:
+        pass
 
 
 def _git_sha() -> str:
@@ -87,9 +99,14 @@ class Runner:
         self.end = self.t0 + self.budget
         self.work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
         self.site: Path | None = None
-        self.cache = Path(a.triton_cache).resolve() if a.triton_cache else \
-            Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+        if a.triton_cache:
+            self.cache = Path(a.triton_cache).resolve()
+        elif self.dry:      # the rehearsal leaves no compiled kernels behind
+            self.cache = self.work / "triton_cache"
+        else:
+            self.cache = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
         self.failed: list[str] = []
+        self.current: subprocess.Popen | None = None
 
     # ---------------------------------------------------------------------------- helpers
     def say(self, msg: str) -> None:
@@ -134,7 +151,8 @@ class Runner:
             log.write(f"\n===== {label or cmd[0]}: {' '.join(cmd)} (box {box:.0f} s)\n")
             log.flush()
             proc = subprocess.Popen(cmd, cwd=ROOT, env=env or self.env(), stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+                                    preexec_fn=_own_group_dies_with_parent)
+            self.current = proc
             try:
                 rc = proc.wait(timeout=max(1.0, box))
             except subprocess.TimeoutExpired:
@@ -149,7 +167,23 @@ class Runner:
                     except subprocess.TimeoutExpired:
                         continue
                 rc = "timeout"
+            finally:
+                self.current = None
         return rc, time.time() - t0
+
+    def on_signal(self, signum, frame):
+        """The device call itself is being stopped: end the running stage's process group,
+        mark the stage, leave the results as they are."""
+        if self.current is not None:
+            try:
+                os.killpg(self.current.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            record.update(self.out, lambda d: d.update(finished_utc=record.now_utc(), exit_code=128 + signum,
+                                                       stopped_by=f"signal {signum}"))
+        finally:
+            os._exit(128 + signum)
 
     def stage(self, name: str, fn) -> None:
         box = self.box(name)
@@ -309,6 +343,8 @@ class Runner:
                         stages={s: dict(status="pending", box_s=None, wall_s=None, note=None)
                                 for s in self.a.stages})
         record.update(self.out, lambda d: d.update(skeleton))
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self.on_signal)
         self.say(f"{'dry run (CPU rehearsal)' if self.dry else 'GPU check'}: budget {self.budget:.0f} s, "
                  f"results in {self.out}")
         steps = {"setup": self.do_setup, "precompile": self.do_precompile,

@@ -44,4 +44,27 @@ chosen and tuning time, in log.txt); gpu_check.json's `autotune` lists every aut
 configs and choices, each stage records `triton_new_cubins` (the kernels it compiled: after
 the precompile stage, each one is a cache miss of the runtime), each timed figure its
 `first_call_s` (compile + autotune + first run).
+
+What compiling costs (sm_90, every config of every kernel at the compile check's paper / anchor
+sizes, one compile at a time, measured 2026-12-02 on the 2-core CI-class machine while three
+other jobs ran (load 5-8), so an upper bound; an autotuned kernel's first call at a new
+specialisation compiles every config of its list):
+
+    kernel                           configs  compiles  mean s  max s  total s
+    _cauchy_fwd_kernel                    14        28     1.3    3.4       36
+    _cauchy_bwd_kernel                    10        10     2.1    8.2       21
+    _vandermonde_fwd_kernel                5        20     8.2   25.4      164
+    _vandermonde_bwd_kernel                5        20     8.8   25.1      176
+    _vandermonde_bwd_reduce_kernel         1         2     2.0    3.6        4
+    _embed_interleave_* (6 kernels)       21       124     1.2    5.0      146
+    _ssm_step_fwd_kernel                  13        13     0.7    1.1        9
+    _dplr_step_fwd_kernel                 13        26     1.1    2.1       30
+    _tier_step_fwd_kernel                 10       130     6.6   72.7      854
+    all                                            373                   1439
+
+So the headline kernels alone would spend ~40 s (cauchy) + ~85 s (vandermonde) of ptxas on one
+core before their first timing, and the paper model's tier_step ~65 s per tier width: hence the
+precompile stage on all 16 cores, the self-test held to first configs, and the per-stage cubin
+counts. The `autotune` section (configs chosen per key) is what a committed pre-tuned table, or
+autotune lists pruned to the configs that win at these sizes, would be built from after a run.
 """

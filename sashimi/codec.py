@@ -280,7 +280,7 @@ def flac_bytes(pcm: np.ndarray, sample_rate: int) -> int:
     import soundfile as sf
     buf = io.BytesIO()
     sf.write(buf, pcm, sample_rate, format="FLAC", subtype="PCM_16")
-    return buf.tell()
+    return len(buf.getvalue())  # not tell(): libsndfile seeks back to finish the header
 
 
 def compress(checkpoint_path, in_path, out_path, chunk_seconds: float = 1.0, progress: bool = True,

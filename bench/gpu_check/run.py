@@ -28,6 +28,7 @@ BOXES = {"setup": (60, 60), "precompile": (60, 90), "facts": (75, 90), "headline
          "tests": (120, 120), "profile": (45, 60), "bench": (None, 90)}
 STAGES = tuple(BOXES)
 MIN_START_S = 15              # a stage is not started with less left than this
+KILL_GRACE_S = 10             # ending a stage at its box takes up to this (SIGTERM, then SIGKILL)
 BENCH_ORDER = ("test_cauchy.py", "test_vandermonde.py", "test_embed_interleave.py", "test_steps.py",
                "test_tier_step.py", "test_generation.py", "test_train_step.py", "test_data.py")
 TEST_SELECTION = "gpu or interpreter"
@@ -137,7 +138,7 @@ class Runner:
 
     def box(self, stage: str) -> float:
         cap = BOXES[stage][1 if self.dry else 0]
-        left = self.end - time.time()
+        left = self.end - time.time() - KILL_GRACE_S
         return left if cap is None else min(cap, left)
 
     def set_stage(self, stage: str, **kw) -> None:
@@ -298,7 +299,7 @@ class Runner:
         missing, statuses = [], []
         for group in groups:
             key = "+".join(group) if len(group) > 1 else group[0]
-            left = self.end - time.time()
+            left = self.end - time.time() - KILL_GRACE_S
             if left < MIN_START_S:
                 record.update(self.out, lambda d, key=key: d.setdefault("bench", {}).setdefault("files", {}).update(
                     {key: dict(status="skipped", reason="budget spent")}))

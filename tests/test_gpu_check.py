@@ -113,12 +113,10 @@ def test_bench_json_feeds_compare(dry_run, tmp_path):
 
 def test_bench_json_feeds_the_report(dry_run, tmp_path):
     """bench.json is what the BENCHMARKS.md generator reads."""
-    if (ROOT / "bench" / "report.py").exists():
-        cmd = [sys.executable, "-m", "bench.report", str(dry_run / "bench.json"), "--out", str(tmp_path / "B.md"),
-               "--no-plots"]
-    else:
-        cmd = [sys.executable, str(ROOT / "scripts" / "make_benchmarks.py"), str(dry_run / "bench.json"),
-               "--out", str(tmp_path / "B.md"), "--plots-dir", str(tmp_path / "plots")]
+    report = ["-m", "bench.report"] if (ROOT / "bench" / "report.py").exists() else \
+        [str(ROOT / "scripts" / "make_benchmarks.py")]
+    cmd = [sys.executable, *report, str(dry_run / "bench.json"), "--out", str(tmp_path / "B.md"),
+           "--plots-dir", str(tmp_path / "plots")]
     r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     text = (tmp_path / "B.md").read_text()

@@ -163,6 +163,29 @@ def test_wheels_cover_what_the_device_lacks():
     assert "--only-binary=:all:" in flags and "3.12" in flags
 
 
+def test_every_import_is_on_the_device_or_carried():
+    """A module imported anywhere in the code the GPU check runs is in the standard library,
+    this repository, or wheels.MODULES, whose distribution is carried or on the device."""
+    import ast
+    from bench.gpu_check import wheels
+    local = {p.stem for p in ROOT.glob("*.py")} | {p.name for p in ROOT.iterdir() if p.is_dir()} | \
+        {p.stem for p in (ROOT / "tests").glob("*.py")}
+    seen: dict[str, str] = {}
+    for folder in ("kernels", "sashimi", "bench", "tests", "profiles", "scripts"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+                for name in names:
+                    seen.setdefault(name.split(".")[0], str(path.relative_to(ROOT)))
+    third = {m: p for m, p in seen.items() if m not in sys.stdlib_module_names and m not in local}
+    unknown = {m: p for m, p in third.items() if m not in wheels.MODULES}
+    assert not unknown, f"add these imports to bench/gpu_check/wheels.py MODULES (and WHEELS): {unknown}"
+    available = {wheels.norm(n) for n in wheels.WHEELS + wheels.DEVICE_HAS}
+    missing = {m: wheels.MODULES[m] for m in third if wheels.norm(wheels.MODULES[m]) not in available}
+    assert not missing, f"neither carried nor on the device: {missing}"
+
+
 def _fake_wheel(folder: Path, name: str, version: str, requires: list[str]) -> None:
     meta = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n" + \
         "".join(f"Requires-Dist: {r}\n" for r in requires)

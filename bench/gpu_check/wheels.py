@@ -29,6 +29,13 @@ WHEELS = ("soundfile", "cffi", "pycparser", "nvtx", "constriction", "hypothesis"
 DEVICE_HAS = ("torch", "torchaudio", "triton", "numpy", "tqdm", "pytest", "pluggy", "iniconfig",
               "packaging", "matplotlib", "typing-extensions", "filelock", "sympy", "networkx", "jinja2",
               "fsspec", "pillow", "py-cpuinfo", "pygments", "attrs")
+# import name -> distribution, for every third-party module the code imports (tests check that
+# each import in kernels/, sashimi/, bench/, tests/, profiles/, scripts/ is listed here and is
+# either carried or on the device)
+MODULES = {"torch": "torch", "torchaudio": "torchaudio", "triton": "triton", "numpy": "numpy",
+           "soundfile": "soundfile", "nvtx": "nvtx", "constriction": "constriction", "tqdm": "tqdm",
+           "hypothesis": "hypothesis", "pytest": "pytest", "pytest_benchmark": "pytest-benchmark",
+           "cpuinfo": "py-cpuinfo2", "matplotlib": "matplotlib"}
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64")
 

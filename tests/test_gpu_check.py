@@ -149,6 +149,16 @@ def test_stages_not_started_once_the_budget_is_spent(tmp_path):
     assert "skipped" in (tmp_path / "summary.txt").read_text()
 
 
+def test_without_a_gpu_the_real_check_refuses(tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    r = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--out", str(tmp_path)], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--dry-run" in r.stderr
+    assert _result(tmp_path)["exit_code"] == 2
+
+
 def test_wheels_cover_what_the_device_lacks():
     import tomllib
     from bench.gpu_check import wheels

@@ -75,6 +75,12 @@ def _own_group_dies_with_parent() -> None:
         pass
 
 
+def _cuda_available() -> bool:
+    r = subprocess.run([sys.executable, "-c", "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"],
+                       capture_output=True, timeout=120)
+    return r.returncode == 0
+
+
 def _git_sha() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -348,6 +354,12 @@ class Runner:
             signal.signal(sig, self.on_signal)
         self.say(f"{'dry run (CPU rehearsal)' if self.dry else 'GPU check'}: budget {self.budget:.0f} s, "
                  f"results in {self.out}")
+        if not self.dry and not _cuda_available():
+            msg = "no CUDA device here: run the CPU rehearsal with --dry-run"
+            record.update(self.out, lambda d: d.update(error=msg, exit_code=2, finished_utc=record.now_utc()))
+            print(f"error: {msg}", file=sys.stderr)
+            shutil.rmtree(self.work, ignore_errors=True)
+            return 2
         steps = {"setup": self.do_setup, "precompile": self.do_precompile,
                  "facts": lambda b: self._py_stage("facts", b),
                  "headline": lambda b: self._py_stage("headline", b), "tests": self.do_tests,

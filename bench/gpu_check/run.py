@@ -206,6 +206,8 @@ class Runner:
         except Exception as exc:  # noqa: BLE001 - the orchestrator's own bug: report, go on
             status, note = "error", f"{type(exc).__name__}: {exc}"[:300]
         after = _cubins(self.cache)
+        for stray in self.out.glob("*.tmp"):      # a write the box's end cut short (<= 8 files return)
+            stray.unlink(missing_ok=True)
         wall = time.time() - self.t0 - record.load(self.out)["stages"][name]["started_s"]
         self.set_stage(name, status=status, note=note, wall_s=round(wall, 1),
                        triton_new_cubins=None if after is None else after - (before or 0))

@@ -40,6 +40,7 @@ class ModelConfig:
     dropout: float = 0.0
     dt_min: float = 1e-3
     dt_max: float = 1e-1
+    dt_per_length: float = 0.0    # > 0: per tier, dt_min >= dt_per_length / the tier's l_max (tier_dt_range)
     bits: int = 8
     quantization: str = "mu-law"
     channels: int = 1
@@ -107,8 +108,11 @@ class ModelConfig:
 
 
 PRESETS = {
-    # trains on a laptop CPU in minutes
-    "tiny": dict(d_model=32, n_layers=2, pool=(4, 4), expand=2, ff=2, d_state=16, seq_len=1024),
+    # trains on a laptop CPU in minutes. S4D (half the CPU step time of DPLR) with each tier's
+    # memory bounded by its training window (dt_per_length), so that it generates far beyond
+    # its 64 ms window without drifting into noise (issue 12; QUALITY.md has the measurements)
+    "tiny": dict(d_model=32, n_layers=2, pool=(4, 4), expand=2, ff=2, d_state=16, seq_len=1024,
+                 ssm="diag", dt_per_length=8.0),
     # the SaShiMi paper's model
     "paper": dict(d_model=64, n_layers=8, pool=(4, 4), expand=2, ff=2, d_state=64, seq_len=16384),
 }
@@ -205,11 +209,27 @@ class UpPool(nn.Module):
         return y
 
 
+def tier_dt_range(cfg: ModelConfig, l_max: int) -> tuple[float, float]:
+    """The (dt_min, dt_max) of the S4 layers of a tier trained on sequences of length l_max.
+
+    With dt_per_length = c > 0, dt_min >= c / l_max: the slowest mode then decays within the
+    window the tier is trained on (S4D-Lin, Re(A) = -1/2: to exp(-c/2); HiPPO-LegS, slowest
+    eigenvalue -1: to exp(-c)), so nothing the model does beyond its training window is
+    untrained: the continuous recurrence predicts as well at any position as inside a window
+    (issue 12, QUALITY.md). dt_max grows to at least 10 dt_min. c = 0: the global range
+    everywhere (the public SaShiMi's, which trains on 8 s windows)."""
+    if cfg.dt_per_length <= 0:
+        return cfg.dt_min, cfg.dt_max
+    lo = max(cfg.dt_min, cfg.dt_per_length / l_max)
+    return lo, max(cfg.dt_max, 10 * lo)
+
+
 def _tier(d: int, cfg: ModelConfig, l_max: int) -> nn.ModuleList:
     layers = []
+    dt_min, dt_max = tier_dt_range(cfg, l_max)
     for _ in range(cfg.n_layers):
-        layers.append(Residual(d, S4Layer(d, cfg.d_state, l_max, cfg.ssm, cfg.init, cfg.dt_min,
-                                           cfg.dt_max, cfg.dropout, cfg.kernel_backend)))
+        layers.append(Residual(d, S4Layer(d, cfg.d_state, l_max, cfg.ssm, cfg.init, dt_min,
+                                           dt_max, cfg.dropout, cfg.kernel_backend)))
         if cfg.ff > 0:
             layers.append(Residual(d, FeedForward(d, cfg.ff, cfg.dropout)))
     return nn.ModuleList(layers)

@@ -144,3 +144,25 @@ def test_errors_are_one_line(ckpt, tmp_path, capsys):
         assert evaluate_main(argv + ["--out", str(tmp_path / "o"), "--quiet"]) == 2, argv
         err = capsys.readouterr().err
         assert needle in err and err.startswith("error:") and err.count("\n") == 1, err
+
+
+def test_dt_per_length_bounds_each_tiers_memory():
+    """dt_per_length = c: every tier's dt_min is c / (its training length), so the slowest mode
+    decays within the window (what lets the recurrence run far beyond it); 0 keeps the old range."""
+    from sashimi.model import PRESETS, tier_dt_range
+    from sashimi.s4 import S4Layer
+    cfg = ModelConfig(**dict(PRESETS["tiny"], channels=2, dt_per_length=8.0, kernel_backend="reference"))
+    model = SaShiMi(cfg)
+    for layer in (m for m in model.modules() if isinstance(m, S4Layer)):
+        lo, hi = (math.exp(v) for v in layer.log_dt_range)
+        assert lo == pytest.approx(max(cfg.dt_min, 8.0 / layer.l_max)) and hi >= 10 * lo * 0.999
+        assert layer._dt().min().item() >= lo * 0.999
+    assert tier_dt_range(dataclasses_replace(cfg, dt_per_length=0.0), 128) == (cfg.dt_min, cfg.dt_max)
+    old = cfg.to_dict()
+    del old["dt_per_length"]                          # a checkpoint from before the field
+    assert ModelConfig.from_dict(old).dt_per_length == 0.0
+
+
+def dataclasses_replace(cfg, **kw):
+    import dataclasses
+    return dataclasses.replace(cfg, **kw)

@@ -24,16 +24,13 @@ import pytest
 import torch
 
 from bench._common import run
+from kernels.ops import OPS
 
 OP = "cauchy"
 N = 32
-SHAPES = {"B1024-L16384": (1024, 16384),   # the anchor
-          "B256-L16384": (256, 16384),
-          "B1024-L65536": (1024, 65536),
-          "B4096-L4096": (4096, 4096),
-          "B256-L4096": (256, 4096)}        # --bench-size small
-SMALL = "B256-L4096"
-FLOPS_FWD, FLOPS_BWD = 14, 28
+SPEC = OPS[OP]                                      # shapes, work model: the registry's
+SHAPES = {k: (v["B"], v["L"]) for k, v in SPEC.bench.items()}
+SMALL = list(SHAPES)[-1]                            # --bench-size small
 REFERENCE_LIMIT = 20 * 2**30
 
 
@@ -44,12 +41,17 @@ def _shape(bench_size: str, name: str) -> tuple[int, int]:
 
 
 def _inputs(B: int, L: int, requires_grad: bool):
-    from kernels.cauchy import s4_like_inputs
+    from kernels.ops import s4_like_inputs
 
     g = torch.Generator().manual_seed(0)
     v, z, w = s4_like_inputs(B // 4, N, 2 * L, sums=4, generator=g, device="cuda")
     z = z[:L].contiguous()
     return v.requires_grad_(requires_grad), z, w.requires_grad_(requires_grad)
+
+
+def _work(B: int, L: int, direction: str) -> dict:
+    flops, nbytes = SPEC.work(dict(B=B, N=N, L=L), direction)
+    return dict(flops=flops, nbytes=nbytes)
 
 
 def _skip_reference(provider: str, B: int, L: int, buffers: int) -> None:
@@ -70,7 +72,7 @@ def test_bench_cauchy_fwd(benchmark, bench_size, provider, shape_name):
     fn = lambda: cauchy(v, z, w, backend=provider)  # noqa: E731
     with torch.no_grad():
         run(benchmark, fn, op=OP, direction="fwd", provider=provider, shape=dict(B=B, N=N, L=L),
-            dtype="complex64", flops=FLOPS_FWD * B * N * L, nbytes=8 * B * L)
+            dtype="complex64", **_work(B, L, "fwd"))
 
 
 @pytest.mark.parametrize("shape_name", list(SHAPES))
@@ -87,4 +89,4 @@ def test_bench_cauchy_fwdbwd(benchmark, bench_size, provider, shape_name):
         return torch.autograd.grad(cauchy(v, z, w, backend=provider), (v, w), G)
 
     run(benchmark, fn, op=OP, direction="fwdbwd", provider=provider, shape=dict(B=B, N=N, L=L),
-        dtype="complex64", flops=(FLOPS_FWD + FLOPS_BWD) * B * N * L, nbytes=16 * B * L)
+        dtype="complex64", **_work(B, L, "fwdbwd"))

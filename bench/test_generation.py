@@ -29,15 +29,13 @@ are shared with profiles/torch_profile.py.
 """
 from __future__ import annotations
 
-import functools
 import gc
-import inspect
 
 import pytest
 import torch
 
 from bench._common import run
-from kernels._utils import nvtx_range
+from kernels.profiling import nvtx_range
 from sashimi.model import PRESETS, ModelConfig, SaShiMi
 from sashimi.quantize import Quantizer
 
@@ -50,28 +48,6 @@ SMALL_PRESET = "tiny"
 ANCHOR_SAMPLES_PER_S = {1: 248.0, 16: 3318.0, 256: 44404.0}     # anchors.md, mono
 TARGET_STEPS_PER_S = {1: 32000.0}                                # design.md
 TARGET_SAMPLES_PER_S = {256: 2.0e6}                              # design.md
-
-
-@functools.lru_cache(maxsize=None)
-def _accepts_t(step_fn) -> bool:
-    """Whether a model class's step method takes the interleaved step index:
-    step(self, token, state, t). Cached per function (never holds a model)."""
-    try:
-        params = list(inspect.signature(step_fn).parameters.values())[1:]   # drop self
-    except (TypeError, ValueError):
-        return False
-    if any(p.kind == p.VAR_POSITIONAL for p in params) or any(p.name == "t" for p in params):
-        return True
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return len(positional) >= 3
-
-
-def _step(model, token, state, t: int):
-    """model.step(token, state, t) when the model's step takes the step index, else
-    model.step(token, state) (the API before t was added)."""
-    if _accepts_t(type(model).step):
-        return model.step(token, state, t)
-    return model.step(token, state)
 
 
 def make_model(preset: str, channels: int, device, seed: int = 0,
@@ -103,7 +79,7 @@ def make_generation_loop(model: SaShiMi, batch: int, steps: int, seed: int = 0):
         token, t = carry["token"], carry["t"]
         for _ in range(steps):
             with nvtx_range("sashimi/generate/step"):
-                out = _step(model, token, state, t)
+                out = model.step(token, state, t)
                 token, logp = model.head.sample(out, generator=gen)
                 loglik.add_(logp.double())
             t += 1

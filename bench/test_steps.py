@@ -16,12 +16,11 @@ rank, plus D), u read and y written (4 bytes per (B, H)).
 """
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from bench._common import capture_graph, run
+from kernels.ops import OPS, lower, step_system
 
 H, N, R = 256, 32, 1
 BATCHES = [1, 16, 256]
@@ -30,38 +29,18 @@ GRAPH_STEPS = 100
 
 
 def _step_inputs(op: str, B: int, device) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Stable inputs (the state stays bounded over thousands of in-place steps): S4D-Lin for the
-    diagonal step, a HiPPO-like normal-plus-low-rank system (Q = P) for the DPLR step."""
+    """Stable inputs (the state stays bounded over thousands of in-place steps), from the
+    registry's factory: S4D-Lin for the diagonal step, a HiPPO-like normal-plus-low-rank system
+    (Q = P) for the DPLR step."""
     g = torch.Generator().manual_seed(0)
-    f64, c128 = torch.float64, torch.complex128
-    dt = 0.01 + 0.09 * torch.rand(H, 1, generator=g, dtype=f64)
-    lam = torch.complex(-0.5 * torch.ones(H, N, dtype=f64),
-                        math.pi * torch.arange(N, dtype=f64).expand(H, N))
-    Bc = torch.randn(H, N, generator=g, dtype=c128)
-    C = torch.randn(H, N, generator=g, dtype=c128)
-    D = torch.randn(H, generator=g, dtype=f64)
-    if op == "ssm_step":
-        dA = torch.exp(dt * lam)
-        consts = dict(dA=dA, dB=(dA - 1) / lam * Bc, C=C, D=D)
-    else:
-        P = torch.randn(R, H, N, generator=g, dtype=c128)
-        P = P / P.abs().pow(2).sum(-1, keepdim=True).sqrt() * math.sqrt(N)
-        E = 1 / (2 / dt - lam)
-        G = 2 * (P.conj().unsqueeze(1) * (E * P).unsqueeze(0)).sum(-1).real     # (j, k, H)
-        M = torch.linalg.inv(torch.eye(R, dtype=f64) + G.permute(2, 0, 1))      # (H, r, r)
-        W = torch.einsum("hkj,jhn->khn", M.to(c128), P)
-        consts = dict(dA=E * (2 / dt + lam), dB=2 * E * Bc, C=C, D=D, P=E * P, Q=P, W=W)
-    consts = {k: (v.to(torch.complex64) if v.is_complex() else v.float()).to(device)
-              for k, v in consts.items()}
+    consts = step_system(H, N, 0 if op == "ssm_step" else R, generator=g)
     state = torch.randn(B, H, N, generator=g, dtype=torch.complex64).to(device)
     u = torch.randn(B, H, generator=g).to(device)
-    return state, u, consts
+    return state, u, lower(consts, device)
 
 
 def _nbytes(op: str, B: int) -> float:
-    ranks = 0 if op == "ssm_step" else 3 * R  # P, Q, W
-    consts = (3 + ranks) * H * N * 8 + H * 4
-    return 2 * B * H * N * 8 + consts + 2 * B * H * 4
+    return OPS[op].work(dict(B=B, H=H, N=N, r=0 if op == "ssm_step" else R), "fwd")[1]
 
 
 def _bench_step(benchmark, bench_size, op: str, provider: str, B: int):
@@ -99,10 +78,9 @@ def _record_config(benchmark, op: str, backend: str) -> None:
     """The autotuner's choice (BLOCK_H, ROWS, num_warps) for the Triton provider."""
     if backend != "triton":
         return
-    import importlib
+    from kernels._step import _step_fwd_kernel  # ssm_step and dplr_step: one kernel, R = rank
 
-    module = importlib.import_module(f"kernels.{op}")
-    best = getattr(getattr(module, f"_{op}_fwd_kernel"), "best_config", None)
+    best = getattr(_step_fwd_kernel, "best_config", None)
     benchmark.extra_info["best_config"] = str(best)
 
 

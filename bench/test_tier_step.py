@@ -20,12 +20,11 @@ one SM pulls from L2 (~0.1 TB/s) plus a few dependent round trips per block (see
 """
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from bench._common import capture_graph, run
+from kernels.ops import lower, tier_params
 
 N, R, N_LAYERS = 32, 1, 8
 TIERS = [64, 128, 256]
@@ -36,38 +35,12 @@ GRAPH_STEPS = 100
 
 
 def _tier_inputs(ssm: str, B: int, H: int, device) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Stable stacked inputs (the states stay bounded over thousands of steps): S4D-Lin for diag, a
-    HiPPO-like normal-plus-low-rank system (Q = P) for dplr, random Linear / LayerNorm weights."""
+    """Stable stacked inputs (the states stay bounded over thousands of steps), from the
+    registry's factory: S4D-Lin for diag, a HiPPO-like normal-plus-low-rank system (Q = P) for
+    dplr, random Linear / LayerNorm weights."""
     g = torch.Generator().manual_seed(0)
-    f64, c128 = torch.float64, torch.complex128
-    n, F_ = N_LAYERS, 2 * H
-    dt = 0.01 + 0.09 * torch.rand(n, H, 1, generator=g, dtype=f64)
-    lam = torch.complex(-0.5 * torch.ones(n, H, N, dtype=f64),
-                        math.pi * torch.arange(N, dtype=f64).expand(n, H, N))
-    Bc = torch.randn(n, H, N, generator=g, dtype=c128)
-    p = dict(C=torch.randn(n, H, N, generator=g, dtype=c128), D=torch.randn(n, H, generator=g, dtype=f64))
-    if ssm == "diag":
-        dA = torch.exp(dt * lam)
-        p.update(dA=dA, dB=(dA - 1) / lam * Bc)
-    else:
-        P = torch.randn(n, R, H, N, generator=g, dtype=c128)
-        P = P / P.abs().pow(2).sum(-1, keepdim=True).sqrt() * math.sqrt(N)
-        E = (1 / (2 / dt - lam)).unsqueeze(1)                                   # (n, 1, H, N)
-        qep = 2 * (P.conj() * E * P).sum(-1).real                               # rank 1: (n, 1, H)
-        p.update(dA=E[:, 0] * (2 / dt + lam), dB=2 * E[:, 0] * Bc, P=E * P, Q=P,
-                 W=P / (1 + qep)[..., None])
-
-    def rnd(*shape, scale=1.0, shift=0.0):
-        return shift + scale * torch.randn(*shape, generator=g, dtype=f64)
-
-    p.update(s4_norm_w=rnd(n, H, scale=0.1, shift=1.0), s4_norm_b=rnd(n, H, scale=0.1),
-             s4_out_w=rnd(n, 2 * H, H, scale=H ** -0.5), s4_out_b=rnd(n, 2 * H, scale=0.1),
-             ff_norm_w=rnd(n, H, scale=0.1, shift=1.0), ff_norm_b=rnd(n, H, scale=0.1),
-             ff_w1=rnd(n, F_, H, scale=H ** -0.5), ff_b1=rnd(n, F_, scale=0.1),
-             ff_w2=rnd(n, H, F_, scale=F_ ** -0.5), ff_b2=rnd(n, H, scale=0.1))
-    p = {k: (v.to(torch.complex64) if v.is_complex() else v.float()).contiguous().to(device)
-         for k, v in p.items()}
-    state = (0.1 * torch.randn(n, B, H, N, generator=g, dtype=c128)).to(torch.complex64).to(device)
+    p = lower(tier_params(N_LAYERS, H, N, 2 * H, R if ssm == "dplr" else 0, generator=g), device)
+    state = (0.1 * torch.randn(N_LAYERS, B, H, N, generator=g, dtype=torch.complex128)).to(torch.complex64).to(device)
     x = torch.randn(B, H, generator=g).to(device)
     return x, state, p
 

@@ -17,13 +17,14 @@ import pytest
 import torch
 
 from bench._common import H100_FP32_FLOPS, run
-from kernels.vandermonde import make_s4d_inputs, vandermonde
+from kernels.ops import OPS, make_s4d_inputs
+from kernels.vandermonde import vandermonde
 
 N = 32
-FULL_SHAPES = [(1024, 16384), (256, 16384), (1024, 65536), (4096, 4096)]
-SMALL_SHAPES = [(64, 4096)]
+_SHAPES = [(v["B"], v["L"]) for v in OPS["vandermonde"].bench.values()]   # the registry's
+FULL_SHAPES, SMALL_SHAPES = _SHAPES[:-1], _SHAPES[-1:]                     # last: --bench-size small
 REFERENCE_LIMIT = 20 * 2 ** 30  # bytes
-FLOPS_PER_TERM = {"fwd": 7, "fwdbwd": 21}
+FLOPS_PER_TERM = {d: OPS["vandermonde"].work(dict(B=1, N=1, L=1), d)[0] for d in ("fwd", "fwdbwd")}
 
 
 def _params():

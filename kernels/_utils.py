@@ -1,4 +1,6 @@
-"""Helpers shared by every op: backend dispatch, input checks, autotune configs, NVTX ranges.
+"""Host-side helpers shared by every op: backend dispatch, input checks, autotune configs.
+
+(NVTX ranges: kernels.profiling.nvtx_range, re-exported here; device-side helpers: kernels._jit.)
 
 Nothing here queries CUDA at import time, so the package imports on a machine without a GPU.
 """
@@ -9,6 +11,8 @@ import os
 import warnings
 
 import torch
+
+from kernels.profiling import nvtx_range  # noqa: F401  (kept importable from here)
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -72,22 +76,29 @@ def require_complex(op: str, **tensors: torch.Tensor) -> None:
             raise ValueError(f"{op}: {name} must be complex (complex64 or complex128), got {t.dtype}")
 
 
+def check_pair_inputs(op: str, names: tuple[str, str], a: torch.Tensor, b: torch.Tensor) -> None:
+    """Two complex (..., N) tensors of one op (cauchy's v, w; vandermonde's v, x): same N >= 1,
+    leading dims that broadcast. Clear ValueErrors naming them."""
+    na, nb = names
+    require_complex(op, **{na: a, nb: b})
+    if a.dim() < 1 or b.dim() < 1:
+        raise ValueError(f"{op}: {na} and {nb} must have shape (..., N), got {tuple(a.shape)} "
+                         f"and {tuple(b.shape)}")
+    if a.shape[-1] != b.shape[-1]:
+        raise ValueError(f"{op}: {na} and {nb} must have the same N (last dim), got {na} "
+                         f"{tuple(a.shape)} and {nb} {tuple(b.shape)}")
+    if a.shape[-1] < 1:
+        raise ValueError(f"{op}: N must be >= 1, got shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    try:
+        torch.broadcast_shapes(a.shape[:-1], b.shape[:-1])
+    except RuntimeError:
+        raise ValueError(f"{op}: the leading dims of {na} {tuple(a.shape[:-1])} and {nb} "
+                         f"{tuple(b.shape[:-1])} do not broadcast") from None
+
+
 def configs(all_configs: list) -> list:
     """Autotune configs: the first only under the interpreter (several configs need a driver)."""
     return all_configs[:1] if interpreting() else all_configs
-
-
-try:  # optional: the ranges cost ~nothing without a profiler attached, and nothing without nvtx
-    import nvtx as _nvtx
-except Exception:  # pragma: no cover - depends on the environment
-    _nvtx = None
-
-
-def nvtx_range(name: str):
-    """An NVTX range for nsys, a no-op without the nvtx package or while torch.compile traces."""
-    if _nvtx is None or torch.compiler.is_compiling():
-        return contextlib.nullcontext()
-    return _nvtx.annotate(name, domain="sashimi")
 
 
 def device_guard(device: torch.device):

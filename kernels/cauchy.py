@@ -41,7 +41,7 @@ dtype policy: the Triton path computes in fp32 (complex64) and accumulates in fp
 inputs run the reference (backend="auto") to keep their precision; backend="triton" refuses
 them. Conjugate convention: the one of kernels.reference.cauchy, the oracle of this op.
 
-`s4_like_inputs` makes the inputs S4 feeds it (tests and benchmarks use it).
+`kernels.ops.s4_like_inputs` makes the inputs S4 feeds it (self-test, tests and benchmarks).
 """
 from __future__ import annotations
 
@@ -53,10 +53,13 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels._utils import (choose_backend, configs, device_guard, interpreting, nvtx_range, require_complex,
-                            same_device)
+from kernels._jit import row_offset as _row_offset
+from kernels._utils import (check_pair_inputs, choose_backend, configs, device_guard, interpreting,
+                            require_complex, same_device)
+from kernels.ops import s4_like_inputs  # noqa: F401  (re-exported; the factory lives in the registry)
+from kernels.profiling import nvtx_range
 
-__all__ = ["cauchy", "cauchy_fwd", "cauchy_bwd", "s4_like_inputs"]
+__all__ = ["cauchy", "cauchy_fwd", "cauchy_bwd"]
 
 _MAX_DIMS = 3  # batch dims the kernels decompose a row index into (after coalescing)
 
@@ -83,36 +86,20 @@ _BWD_INTERP = _bwd_config(64, 512, 8)
 # GPU: nodes per thread = BLOCK_B * BLOCK_L / (32 * warps); 16 amortise the per-pair loads best.
 # ptxas gives 16 nodes/thread ~230 registers (2 blocks of 4 warps per SM); capped at 128 the loop
 # still does not spill (checked on sm_90 SASS), for twice the occupancy.
-_FWD_CONFIGS = [
-    _FWD_INTERP,
-    _fwd_config(1, 2048, 4, maxnreg=128),
-    _fwd_config(1, 2048, 4),
-    _fwd_config(1, 1024, 4),
-    _fwd_config(1, 1024, 2, maxnreg=128),
-    _fwd_config(1, 1024, 2),
-    _fwd_config(1, 4096, 8, maxnreg=128),
-    _fwd_config(1, 4096, 8),
-    _fwd_config(1, 2048, 8),
-    _fwd_config(2, 1024, 4),
-    _fwd_config(1, 512, 4),
-    _fwd_config(1, 512, 2),
-    _fwd_config(1, 256, 2),
-    _fwd_config(1, 128, 4),
+_FWD_CONFIGS = [_FWD_INTERP] + [
+    _fwd_config(b, l, w, maxnreg=r)
+    for b, l, w, r in [(1, 2048, 4, 128), (1, 2048, 4, None), (1, 1024, 4, None), (1, 1024, 2, 128),
+                       (1, 1024, 2, None), (1, 4096, 8, 128), (1, 4096, 8, None), (1, 2048, 8, None),
+                       (2, 1024, 4, None), (1, 512, 4, None), (1, 512, 2, None), (1, 256, 2, None),
+                       (1, 128, 4, None)]
 ]
 
 # GPU: a thread holds 8-16 pairs x 1 node of the (BLOCK_N, BLOCK_L) tile (Triton's default
 # layout), so the per-node work (loads, G z, G z^2) is shared by its pairs.
-_BWD_CONFIGS = [
-    _BWD_INTERP,
-    _bwd_config(32, 32, 2),
-    _bwd_config(32, 64, 4),
-    _bwd_config(16, 64, 2),
-    _bwd_config(16, 128, 4),
-    _bwd_config(32, 128, 8),
-    _bwd_config(32, 32, 4),
-    _bwd_config(16, 32, 2),
-    _bwd_config(8, 128, 4),
-    _bwd_config(64, 64, 8),
+_BWD_CONFIGS = [_BWD_INTERP] + [
+    _bwd_config(n, l, w)
+    for n, l, w in [(32, 32, 2), (32, 64, 4), (16, 64, 2), (16, 128, 4), (32, 128, 8), (32, 32, 4),
+                    (16, 32, 2), (8, 128, 4), (64, 64, 8)]
 ]
 
 
@@ -152,12 +139,35 @@ def _rcp(x, FAST_RCP: tl.constexpr):
 
 
 @triton.jit
-def _row_offset(rows, S1, S2, stride_0, stride_1, stride_2):
-    """Offset of output row(s) `rows` (int64) in a tensor with batch dims (S0, S1, S2) and the
-    given strides (0 where broadcast)."""
-    i2 = rows % S2
-    rest = rows // S2
-    return (rest // S1) * stride_0 + (rest % S1) * stride_1 + i2 * stride_2
+def _nodes(z_ptr, offs_l, mask_l, stride_z_l):
+    """The nodes z = x + iy of a block (0 where masked) and which are huge (|z| > 1e8)."""
+    x = tl.load(z_ptr + offs_l * stride_z_l, mask=mask_l, other=0.0)
+    y = tl.load(z_ptr + offs_l * stride_z_l + 1, mask=mask_l, other=0.0)
+    return x, y, tl.maximum(tl.abs(x), tl.abs(y)) > 1e8
+
+
+@triton.jit
+def _nodes_grad(z_ptr, g_row, l0, l_end, stride_z_l, stride_g_l, BLOCK_L: tl.constexpr):
+    """The block of nodes [l0, l0 + BLOCK_L) (masked at l_end): (mask, x, y, huge as _nodes) and
+    the incoming gradient G = g_r + i g_i at them."""
+    offs_l = l0 + tl.arange(0, BLOCK_L)
+    mask_l = offs_l < l_end
+    x, y, huge = _nodes(z_ptr, offs_l, mask_l, stride_z_l)
+    g_r = tl.load(g_row + offs_l * stride_g_l, mask=mask_l, other=0.0)
+    g_i = tl.load(g_row + offs_l * stride_g_l + 1, mask=mask_l, other=0.0)
+    return mask_l, x, y, huge, g_r, g_i
+
+
+@triton.jit
+def _load_pair(p):
+    """(re, im) of the complex element at p (real view)."""
+    return tl.load(p), tl.load(p + 1)
+
+
+@triton.jit
+def _cmul(ar, ai, br, bi):
+    """(a b) for complex a = ar + i ai, b = br + i bi."""
+    return ar * br - ai * bi, ar * bi + ai * br
 
 
 @triton.jit
@@ -198,9 +208,7 @@ def _cauchy_fwd_kernel(
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L).to(tl.int64)
     mask_l = offs_l < L
 
-    x = tl.load(z_ptr + offs_l * stride_z_l, mask=mask_l, other=0.0)
-    y = tl.load(z_ptr + offs_l * stride_z_l + 1, mask=mask_l, other=0.0)
-    huge = tl.maximum(tl.abs(x), tl.abs(y)) > 1e8
+    x, y, huge = _nodes(z_ptr, offs_l, mask_l, stride_z_l)
     park = huge | (~mask_l)
     # direct path: D = p^2 - q1 q2 + 2 i p y, p = x - Re w, q1,2 = y -+ Im w. Parked lanes (masked,
     # or on the asymptotic path) sit at a far, finite z.
@@ -214,10 +222,8 @@ def _cauchy_fwd_kernel(
     acc_i = tl.zeros([BLOCK_B, BLOCK_L], dtype=tl.float32)
     n = tl.zeros((), dtype=tl.int32)
     while n < N:  # (a while loop: the interpreter cannot take range() of a runtime int)
-        vr = tl.load(v_p)
-        vi = tl.load(v_p + 1)
-        wr = tl.load(w_p)
-        wi = tl.load(w_p + 1)
+        vr, vi = _load_pair(v_p)
+        wr, wi = _load_pair(w_p)
         e = (vi * wi)[:, None]
         vr = vr[:, None]
         wr = wr[:, None]
@@ -241,9 +247,7 @@ def _cauchy_fwd_kernel(
     n_huge = tl.sum((huge & mask_l).to(tl.int32), axis=0)
     if n_huge > 0:  # rare: a node with |z| > 1e8 in this block (the S4 Nyquist node)
         # (z reloaded: keeping x, y live across the loop above costs registers)
-        x = tl.load(z_ptr + offs_l * stride_z_l, mask=mask_l, other=0.0)
-        y = tl.load(z_ptr + offs_l * stride_z_l + 1, mask=mask_l, other=0.0)
-        huge = tl.maximum(tl.abs(x), tl.abs(y)) > 1e8
+        x, y, huge = _nodes(z_ptr, offs_l, mask_l, stride_z_l)
         s0 = tl.zeros([BLOCK_B], dtype=tl.float32)
         s1 = tl.zeros([BLOCK_B], dtype=tl.float32)
         s2 = tl.zeros([BLOCK_B], dtype=tl.float32)
@@ -252,15 +256,12 @@ def _cauchy_fwd_kernel(
         w_p = w_ptr + _row_offset(rows_in, S1, S2, stride_w_0, stride_w_1, stride_w_2)
         n = tl.zeros((), dtype=tl.int32)
         while n < N:  # s_k = sum_n Re(v w^k)  (halved)
-            vr = tl.load(v_p)
-            vi = tl.load(v_p + 1)
-            wr = tl.load(w_p)
-            wi = tl.load(w_p + 1)
+            vr, vi = _load_pair(v_p)
+            wr, wi = _load_pair(w_p)
             s0 += vr
-            tr = vr * wr - vi * wi
-            ti = vr * wi + vi * wr
+            tr, ti = _cmul(vr, vi, wr, wi)
             s1 += tr
-            tr, ti = tr * wr - ti * wi, tr * wi + ti * wr
+            tr, ti = _cmul(tr, ti, wr, wi)
             s2 += tr
             s3 += tr * wr - ti * wi
             v_p += stride_v_n
@@ -274,7 +275,7 @@ def _cauchy_fwd_kernel(
         h_i = 2.0 * s3[:, None] * u_i
         h_r, h_i = 2.0 * s1[:, None] + h_r * u_r - h_i * u_i, h_r * u_i + h_i * u_r
         h_r, h_i = 2.0 * s0[:, None] + h_r * u_r - h_i * u_i, h_r * u_i + h_i * u_r
-        h_r, h_i = h_r * u_r - h_i * u_i, h_r * u_i + h_i * u_r
+        h_r, h_i = _cmul(h_r, h_i, u_r, u_i)
         out_r = tl.where(huge[None, :], h_r, out_r)
         out_i = tl.where(huge[None, :], h_i, out_i)
 
@@ -328,13 +329,8 @@ def _cauchy_bwd_kernel(
     n_huge = tl.zeros([BLOCK_L], dtype=tl.int32)
     l0 = l_start
     while l0 < l_end:
-        offs_l = l0 + tl.arange(0, BLOCK_L)
-        mask_l = offs_l < l_end
-        x = tl.load(z_ptr + offs_l * stride_z_l, mask=mask_l, other=0.0)
-        y = tl.load(z_ptr + offs_l * stride_z_l + 1, mask=mask_l, other=0.0)
-        g_r = tl.load(g_row + offs_l * stride_g_l, mask=mask_l, other=0.0)
-        g_i = tl.load(g_row + offs_l * stride_g_l + 1, mask=mask_l, other=0.0)
-        huge = tl.maximum(tl.abs(x), tl.abs(y)) > 1e8
+        mask_l, x, y, huge, g_r, g_i = _nodes_grad(z_ptr, g_row, l0, l_end, stride_z_l, stride_g_l,
+                                                   BLOCK_L)
         n_huge += (huge & mask_l).to(tl.int32)
         # parked lanes (masked, or on the asymptotic path): G = 0 at a far, finite z, so their
         # terms are exactly 0
@@ -392,23 +388,18 @@ def _cauchy_bwd_kernel(
         pv5 = tl.zeros([BLOCK_L], dtype=tl.float32)
         l0 = l_start
         while l0 < l_end:
-            offs_l = l0 + tl.arange(0, BLOCK_L)
-            mask_l = offs_l < l_end
-            x = tl.load(z_ptr + offs_l * stride_z_l, mask=mask_l, other=0.0)
-            y = tl.load(z_ptr + offs_l * stride_z_l + 1, mask=mask_l, other=0.0)
-            g_r = tl.load(g_row + offs_l * stride_g_l, mask=mask_l, other=0.0)
-            g_i = tl.load(g_row + offs_l * stride_g_l + 1, mask=mask_l, other=0.0)
-            take = (tl.maximum(tl.abs(x), tl.abs(y)) > 1e8) & mask_l
+            mask_l, x, y, huge, g_r, g_i = _nodes_grad(z_ptr, g_row, l0, l_end, stride_z_l,
+                                                       stride_g_l, BLOCK_L)
+            take = huge & mask_l
             u_r, u_i = _inv_z(x, y)
             u_i = -u_i                  # conj(1/z)
-            h_r = g_r * u_r - g_i * u_i
-            h_i = g_r * u_i + g_i * u_r
+            h_r, h_i = _cmul(g_r, g_i, u_r, u_i)
             pv1 += tl.where(take, h_r, 0.0)
-            h_r, h_i = h_r * u_r - h_i * u_i, h_r * u_i + h_i * u_r
+            h_r, h_i = _cmul(h_r, h_i, u_r, u_i)
             pv2 += tl.where(take, h_r, 0.0)
-            h_r, h_i = h_r * u_r - h_i * u_i, h_r * u_i + h_i * u_r
+            h_r, h_i = _cmul(h_r, h_i, u_r, u_i)
             pv3 += tl.where(take, h_r, 0.0)
-            h_r, h_i = h_r * u_r - h_i * u_i, h_r * u_i + h_i * u_r
+            h_r, h_i = _cmul(h_r, h_i, u_r, u_i)
             pv4 += tl.where(take, h_r, 0.0)
             h_r = h_r * u_r - h_i * u_i
             pv5 += tl.where(take, h_r, 0.0)
@@ -647,19 +638,7 @@ def _check(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor) -> torch.dtype:
         raise ValueError(f"cauchy: z must be 1-D (L,), got shape {tuple(z.shape)}")
     if z.shape[0] < 1:
         raise ValueError("cauchy: z must hold at least one node (L >= 1)")
-    if v.dim() < 1 or w.dim() < 1:
-        raise ValueError(f"cauchy: v and w must be (..., N), got shapes {tuple(v.shape)} "
-                         f"and {tuple(w.shape)}")
-    if v.shape[-1] != w.shape[-1]:
-        raise ValueError(f"cauchy: v and w must have the same N (last dim), got v "
-                         f"{tuple(v.shape)} and w {tuple(w.shape)}")
-    if v.shape[-1] < 1:
-        raise ValueError("cauchy: N must be >= 1 (v and w have an empty last dim)")
-    try:
-        torch.broadcast_shapes(v.shape[:-1], w.shape[:-1])
-    except RuntimeError:
-        raise ValueError(f"cauchy: the leading dims of v {tuple(v.shape[:-1])} and w "
-                         f"{tuple(w.shape[:-1])} do not broadcast") from None
+    check_pair_inputs("cauchy", ("v", "w"), v, w)
     dtype = torch.promote_types(torch.promote_types(v.dtype, z.dtype), w.dtype)
     if dtype not in (torch.complex64, torch.complex128):
         raise ValueError(f"cauchy: complex64 or complex128 inputs expected, got {dtype}")
@@ -692,33 +671,3 @@ def cauchy(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor,
         return reference.cauchy(v, z, w)
     v_r, z_r, w_r = (torch.view_as_real(t.resolve_conj()) for t in (v, z, w))
     return torch.view_as_complex(_cauchy_fwd_op(v_r, z_r, w_r))
-
-
-# ----------------------------------------------------------------------------------------------
-# S4-like inputs (tests, benchmarks)
-# ----------------------------------------------------------------------------------------------
-
-def s4_like_inputs(H: int, N: int, L: int, *, sums: int | None = None, dt_min: float = 1e-3,
-                   dt_max: float = 1e-1, generator: torch.Generator | None = None,
-                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.complex64):
-    """The inputs S4 gives its Cauchy kernel, for a sequence of length L.
-
-    z = 2 (1 - Omega) / (1 + Omega), Omega = exp(-2 pi i k / L), k = 0..L//2 (L//2 + 1 nodes on
-    the imaginary axis, formed in float64; the last one, Omega = -1, is ~1e16); w = dt Lambda with
-    Lambda_n = -1/2 + i pi n (S4D-Lin) and dt log-uniform in [dt_min, dt_max] per channel;
-    v complex normal. Returns (v, z, w): v (sums, H, N) if sums else (H, N), w (H, N).
-    """
-    g = generator
-    k = torch.arange(L // 2 + 1, dtype=torch.float64)
-    omega = torch.polar(torch.ones_like(k), -2 * math.pi * k / L)
-    z = 2 * (1 - omega) / (1 + omega)
-    log_dt = torch.rand(H, 1, generator=g, dtype=torch.float64) * \
-        (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
-    lam = torch.complex(torch.full((N,), -0.5, dtype=torch.float64),
-                        math.pi * torch.arange(N, dtype=torch.float64))
-    w = torch.exp(log_dt) * lam
-    vshape = (H, N) if sums is None else (sums, H, N)
-    v = torch.complex(torch.randn(vshape, generator=g, dtype=torch.float64),
-                      torch.randn(vshape, generator=g, dtype=torch.float64)) / math.sqrt(2)
-    return v.to(device=device, dtype=dtype), z.to(device=device, dtype=dtype), \
-        w.to(device=device, dtype=dtype)

@@ -143,11 +143,9 @@ def _dot_bf16(a, b, acc, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _onehot_tile(acc, t, tok_ptr, g_ptr, R, LC, C, V, v, d, d_mask,
-                 stride_tok_b, stride_tok_l, stride_tok_c, stride_g_b, stride_g_j, stride_g_d,
-                 INTERPRET: tl.constexpr, BLOCK_T: tl.constexpr):
-    # acc[v, d] += sum over the rows t*BLOCK_T + [0, BLOCK_T) of [token == v] * g[row, d]
-    r = t * BLOCK_T + tl.arange(0, BLOCK_T)
+def _row_tokens(r, R, LC, C, V, tok_ptr, stride_tok_b, stride_tok_l, stride_tok_c):
+    """Rows r of the (B, L*C) output: (batch bb, position jj, token (int64, -1 past R), valid:
+    inside R and the token in [0, V))."""
     r_mask = r < R
     bb = r // LC
     jj = r - bb * LC
@@ -155,7 +153,16 @@ def _onehot_tile(acc, t, tok_ptr, g_ptr, R, LC, C, V, v, d, d_mask,
     cc = jj - ll * C
     tok = tl.load(tok_ptr + bb.to(tl.int64) * stride_tok_b + ll.to(tl.int64) * stride_tok_l
                   + cc.to(tl.int64) * stride_tok_c, mask=r_mask, other=-1).to(tl.int64)
-    valid = r_mask & (tok >= 0) & (tok < V)
+    return bb, jj, tok, r_mask & (tok >= 0) & (tok < V)
+
+
+@triton.jit
+def _onehot_tile(acc, t, tok_ptr, g_ptr, R, LC, C, V, v, d, d_mask,
+                 stride_tok_b, stride_tok_l, stride_tok_c, stride_g_b, stride_g_j, stride_g_d,
+                 INTERPRET: tl.constexpr, BLOCK_T: tl.constexpr):
+    # acc[v, d] += sum over the rows t*BLOCK_T + [0, BLOCK_T) of [token == v] * g[row, d]
+    r = t * BLOCK_T + tl.arange(0, BLOCK_T)
+    bb, jj, tok, valid = _row_tokens(r, R, LC, C, V, tok_ptr, stride_tok_b, stride_tok_l, stride_tok_c)
     tok32 = tl.where(valid, tok, -1).to(tl.int32)
     # rows with an invalid token load zeros: a NaN there must not reach 0 * NaN in the MMA
     g = tl.load(g_ptr + bb.to(tl.int64)[:, None] * stride_g_b + jj.to(tl.int64)[:, None] * stride_g_j
@@ -177,7 +184,7 @@ def _onehot_tile(acc, t, tok_ptr, g_ptr, R, LC, C, V, v, d, d_mask,
     return acc
 
 
-@triton.jit(do_not_specialize=["R", "LC", "C", "V"])
+@triton.jit(do_not_specialize=["R", "LC", "C", "V", "PER_SM"])
 def _embed_interleave_bwd_kernel(
     tok_ptr, g_ptr, part_ptr,
     R, LC, C, V, D, scale,
@@ -185,7 +192,8 @@ def _embed_interleave_bwd_kernel(
     stride_g_b, stride_g_j, stride_g_d,
     ATOMIC: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    PER_SM: tl.constexpr = 1,   # read by the launcher's grid only (programs per SM)
+    PER_SM=1,   # programs per SM, read by the launcher's grid only: a runtime argument, never
+                # specialised, so configs that differ only in it share one compile
 ):
     # One-hot backward (V <= ONEHOT_MAX_V). grid: (P, cdiv(V, BLOCK_V), cdiv(D, BLOCK_D)).
     # Program p sums row tiles [p*n/P, (p+1)*n/P) into acc[v, d] = sum_t [tok_t == v] g[t, d].
@@ -282,14 +290,7 @@ def _embed_interleave_bwd_atomic_kernel(
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
     r = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    r_mask = r < R
-    bb = r // LC
-    jj = r - bb * LC
-    ll = jj // C
-    cc = jj - ll * C
-    tok = tl.load(tok_ptr + bb.to(tl.int64) * stride_tok_b + ll.to(tl.int64) * stride_tok_l
-                  + cc.to(tl.int64) * stride_tok_c, mask=r_mask, other=-1).to(tl.int64)
-    valid = r_mask & (tok >= 0) & (tok < V)
+    bb, jj, tok, valid = _row_tokens(r, R, LC, C, V, tok_ptr, stride_tok_b, stride_tok_l, stride_tok_c)
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = valid[:, None] & (d < D)[None, :]
     g = tl.load(g_ptr + bb.to(tl.int64)[:, None] * stride_g_b + jj.to(tl.int64)[:, None] * stride_g_j

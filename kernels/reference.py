@@ -123,6 +123,36 @@ def dplr_step(state: torch.Tensor, u: torch.Tensor, dA: torch.Tensor, dB: torch.
     return 2 * (C * state).sum(dim=-1).real + D * u
 
 
+def diag_step_factors(dt: torch.Tensor, Lam: torch.Tensor, B: torch.Tensor) -> dict:
+    """The exact ZOH step factors of a diagonal SSM: dA = exp(dt Lambda), dB = (dA - 1) / Lambda B.
+
+    dt: real, broadcastable against Lam (e.g. (..., H, 1)); Lam, B: complex (..., H, N).
+    """
+    dA = torch.exp(dt * Lam)
+    return dict(dA=dA, dB=(dA - 1) / Lam * B)
+
+
+def dplr_step_factors(dt: torch.Tensor, Lam: torch.Tensor, B: torch.Tensor, P: torch.Tensor,
+                      Q: torch.Tensor | None = None) -> dict:
+    """The per-(H, N) factors of `dplr_step` for A = Lambda - P Q^* (bilinear, dt per channel).
+
+    dt: real, broadcastable against Lam (e.g. (..., H, 1)); Lam, B: complex (..., H, N);
+    P, Q: complex (..., r, H, N) (Q defaults to P, the S4 case). With E = (2/dt - Lambda)^-1 and
+    M = (I + Q^* E P)^-1 (real r x r per channel, (Q^* E P)[j, k] = 2 Re(sum_n conj(Q_j) E P_k)):
+    dA = E (2/dt + Lambda), dB = 2 E B, P' = E P, Q' = Q, W[k] = sum_j M[k, j] Q[j].
+    Returns dict(dA, dB, P, Q, W). The one derivation used by sashimi's S4Layer.setup_step, the
+    self-test, the tests and the benchmarks.
+    """
+    Q = P if Q is None else Q
+    E = 1 / (2 / dt - Lam)                                                # (..., H, N)
+    EP = E.unsqueeze(-3) * P                                              # (..., r, H, N)
+    G = 2 * torch.einsum("...jhn,...khn->...hjk", Q.conj(), EP).real      # (..., H, r, r)
+    eye = torch.eye(P.shape[-3], dtype=G.dtype, device=G.device)
+    M = torch.linalg.inv(eye + G)                                         # (..., H, r, r)
+    W = torch.einsum("...hkj,...jhn->...khn", M.to(Q.dtype), Q)
+    return dict(dA=E * (2 / dt + Lam), dB=2 * E * B, P=EP, Q=Q, W=W)
+
+
 def tier_step(x: torch.Tensor, state: torch.Tensor, params: dict, ssm: str) -> torch.Tensor:
     """One generation time step of a whole tier of SaShiMi residual blocks, updating `state` in place.
 

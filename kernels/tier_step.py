@@ -68,12 +68,14 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels._utils import (choose_backend, configs, device_guard, nvtx_range, require_complex,
-                            same_device)
-from kernels.ssm_step import batch_tier, call_in_place, check_inference_only, complex_strides
+from kernels._jit import gelu, layer_norm, load_pairs, step_tile
+from kernels._step import (as_complex_state, batch_tier, call_in_place, check_inference_only,
+                           check_not_expanded, complex_strides, prune_rows)
+from kernels._utils import choose_backend, configs, device_guard, same_device
+from kernels.profiling import nvtx_range
 
 OP = "tier_step"
-LN_EPS = 1e-5
+LN_EPS = tl.constexpr(1e-5)  # LayerNorm's eps (the reference's, sashimi's nn.LayerNorm default)
 
 S4_KEYS = ("s4_norm_w", "s4_norm_b", "dA", "dB", "C", "D", "s4_out_w", "s4_out_b")
 DPLR_KEYS = ("P", "Q", "W")
@@ -86,24 +88,11 @@ _REAL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # for any size. Big tiles keep more bytes in flight: at B = 1 the kernel is one CTA streaming the
 # tier's weights from L2, so bytes in flight per CTA set the speed.
 TIER_CONFIGS = [
-    triton.Config({"TILE": 1024, "ROWS": 1, "BLOCK_HS": 16}, num_warps=4),
-    triton.Config({"TILE": 4096, "ROWS": 1, "BLOCK_HS": 16}, num_warps=4),
-    triton.Config({"TILE": 8192, "ROWS": 1, "BLOCK_HS": 32}, num_warps=8),
-    triton.Config({"TILE": 16384, "ROWS": 1, "BLOCK_HS": 32}, num_warps=8),
-    triton.Config({"TILE": 16384, "ROWS": 1, "BLOCK_HS": 64}, num_warps=16),
-    triton.Config({"TILE": 32768, "ROWS": 1, "BLOCK_HS": 64}, num_warps=16),
-    triton.Config({"TILE": 16384, "ROWS": 2, "BLOCK_HS": 32}, num_warps=8),
-    triton.Config({"TILE": 16384, "ROWS": 4, "BLOCK_HS": 32}, num_warps=8),
-    triton.Config({"TILE": 32768, "ROWS": 4, "BLOCK_HS": 32}, num_warps=16),
-    triton.Config({"TILE": 32768, "ROWS": 8, "BLOCK_HS": 32}, num_warps=16),
+    triton.Config({"TILE": tile, "ROWS": rows, "BLOCK_HS": bhs}, num_warps=w)
+    for tile, rows, bhs, w in [(1024, 1, 16, 4), (4096, 1, 16, 4), (8192, 1, 32, 8), (16384, 1, 32, 8),
+                               (16384, 1, 64, 16), (32768, 1, 64, 16), (16384, 2, 32, 8),
+                               (16384, 4, 32, 8), (32768, 4, 32, 16), (32768, 8, 32, 16)]
 ]
-
-
-def _prune_configs(configs_, named_args, **kwargs):
-    """Drop configs with more rows per program than there are batch rows (they only idle)."""
-    B = named_args["B"]
-    kept = [c for c in configs_ if c.kwargs["ROWS"] == 1 or c.kwargs["ROWS"] <= B]
-    return kept or configs_[:1]
 
 
 def _block_o(tile: int, rows: int, block_k: int, block_out: int) -> int:
@@ -121,26 +110,34 @@ def _rows_matvec(w, v, ROWS: tl.constexpr):
 
 
 @triton.jit
-def _gelu(y):
-    return 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
+def _linear_tile(w_ptr, b_ptr, offs_o, mask_o, offs_k, mask_k, K, v, ROWS: tl.constexpr):
+    """[ROWS, BO] = v @ W[offs_o, :K]^T + b[offs_o]: one [BO, K] tile of a row-major (out, K)
+    weight (any dtype, computed in fp32), masked on both dims."""
+    w = tl.load(w_ptr + offs_o[:, None] * K + offs_k[None, :],
+                mask=mask_o[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+    return _rows_matvec(w, v, ROWS) + tl.load(b_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
 
 
 @triton.jit
-def _layer_norm(x, w_ptr, b_ptr, offs_h, mask_h, H, eps):
-    """Row-wise LayerNorm of x [ROWS, BLOCK_H] (padding lanes hold 0) with affine (w, b)."""
-    w = tl.load(w_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=1) / H
-    xc = tl.where(mask_h[None, :], x - mean[:, None], 0.0)
-    var = tl.sum(xc * xc, axis=1) / H
-    rstd = 1.0 / tl.sqrt(var + eps)
-    return xc * rstd[:, None] * w[None, :] + b[None, :]
+def _linear_rows(w_ptr, b_ptr, v, offs_k, mask_k, K, n_out, out_ptr, row_ok, ROWS: tl.constexpr,
+                 BO: tl.constexpr, GELU: tl.constexpr):
+    """out[:, :n_out] = act(v @ W^T + b), BO output rows per weight tile; out_ptr: [ROWS, 1]
+    row bases (scratch)."""
+    j0 = tl.zeros((), dtype=tl.int32)
+    while j0 < n_out:
+        offs_o = j0 + tl.arange(0, BO)
+        mask_o = offs_o < n_out
+        a = _linear_tile(w_ptr, b_ptr, offs_o, mask_o, offs_k, mask_k, K, v, ROWS)
+        if GELU:
+            a = gelu(a)
+        tl.store(out_ptr + offs_o[None, :], a, mask=row_ok[:, None] & mask_o[None, :])
+        j0 += BO
 
 
 @triton.autotune(
     configs=configs(TIER_CONFIGS),
     key=["H", "N", "F", "B_TIER", "R", "HAS_FF"],
-    prune_configs_by={"early_config_prune": _prune_configs},
+    prune_configs_by={"early_config_prune": prune_rows},
     restore_value=["state_ptr"],  # autotuning reruns the kernel: keep the in-place state intact
 )
 @triton.heuristics({
@@ -185,7 +182,7 @@ def _tier_step_fwd_kernel(
     while l < NL:  # layers (a while loop: the interpreter cannot take range() of a runtime int)
         l64 = l.to(tl.int64)
         # ---------------- S4 residual block ----------------
-        h = _layer_norm(x, s4nw_ptr + l64 * H, s4nb_ptr + l64 * H, offs_h, mask_h, H, 1e-5)
+        h = layer_norm(x, s4nw_ptr + l64 * H, s4nb_ptr + l64 * H, offs_h, mask_h, H, LN_EPS)
         tl.store(scr + offs_h[None, :], h, mask=m_rh)                         # region [0, H)
         tl.debug_barrier()
 
@@ -197,9 +194,10 @@ def _tier_step_fwd_kernel(
             mask_sn = (mask_s[:, None] & (offs_n < N)[None, :])[:, :, None]   # [BHS, BLOCK_N, 1]
             ch = l64 * H + offs_s                                             # channel in (n, H)
             c_off = (ch[:, None, None] * N + n3) * 2 + c3
-            ar, ai = tl.split(tl.load(dA_ptr + c_off, mask=mask_sn, other=0.0))
-            br, bi = tl.split(tl.load(dB_ptr + c_off, mask=mask_sn, other=0.0))
-            cr, ci = tl.split(tl.load(C_ptr + c_off, mask=mask_sn, other=0.0))
+            ar, ai = load_pairs(dA_ptr, c_off, mask_sn)
+            br, bi = load_pairs(dB_ptr, c_off, mask_sn)
+            cr, ci = load_pairs(C_ptr, c_off, mask_sn)
+            pqw_off = (((l64 * R) * H + offs_s[:, None, None]) * N + n3) * 2 + c3   # rank 0 of layer l
             d = tl.load(D_ptr + ch, mask=mask_s, other=0.0).to(tl.float32)
             for i in tl.static_range(ROWS):
                 row = pid * ROWS + i
@@ -209,34 +207,11 @@ def _tier_step_fwd_kernel(
                 s_ptrs = state_ptr + (l64 * stride_s_l + row * stride_s_b
                                       + offs_s[:, None, None] * stride_s_h + n3 * stride_s_n) * 2 + c3
                 xr, xi = tl.split(tl.load(s_ptrs, mask=mask_sn & ok, other=0.0))
-                uu = u[:, None]
-                zr = ar * xr - ai * xi + br * uu
-                zi = ar * xi + ai * xr + bi * uu
-                if R > 0:
-                    # dplr: z -= sum_k P[k] a[k], a[k] = 2 Re(sum_n conj(Q[k]) x)  (from the old x)
-                    for k in tl.static_range(R):
-                        p_off = (((l64 * R + k) * H + offs_s[:, None, None]) * N + n3) * 2 + c3
-                        qr, qi = tl.split(tl.load(Q_ptr + p_off, mask=mask_sn, other=0.0))
-                        pr, pi = tl.split(tl.load(P_ptr + p_off, mask=mask_sn, other=0.0))
-                        a = (2.0 * tl.sum(qr * xr + qi * xi, axis=1))[:, None]
-                        zr -= pr * a
-                        zi -= pi * a
-                    # x' = z - sum_k P[k] b[k], b[k] = 2 Re(sum_n conj(W[k]) z)  (every b[k] from z)
-                    nr = zr
-                    ni = zi
-                    for k in tl.static_range(R):
-                        p_off = (((l64 * R + k) * H + offs_s[:, None, None]) * N + n3) * 2 + c3
-                        wr, wi = tl.split(tl.load(W_ptr + p_off, mask=mask_sn, other=0.0))
-                        pr, pi = tl.split(tl.load(P_ptr + p_off, mask=mask_sn, other=0.0))
-                        bk = (2.0 * tl.sum(wr * zr + wi * zi, axis=1))[:, None]
-                        nr -= pr * bk
-                        ni -= pi * bk
-                else:
-                    nr = zr
-                    ni = zi
+                nr, ni = step_tile(xr, xi, u[:, None], ar, ai, br, bi, P_ptr, Q_ptr, W_ptr, pqw_off,
+                                   H * N * 2, mask_sn, R)
                 tl.store(s_ptrs, tl.join(nr, ni), mask=mask_sn & ok)
                 y = 2.0 * tl.sum(cr * nr - ci * ni, axis=1) + d * u
-                tl.store(srow + H + offs_s, _gelu(y), mask=mask_s & ok)       # region [H, 2H)
+                tl.store(srow + H + offs_s, gelu(y), mask=mask_s & ok)       # region [H, 2H)
             h0 += BHS
         tl.debug_barrier()
 
@@ -248,12 +223,8 @@ def _tier_step_fwd_kernel(
         while j0 < H:
             offs_o = j0 + tl.arange(0, BO_OUT)
             mask_o = offs_o < H
-            w_mask = mask_o[:, None] & mask_h[None, :]
-            w_off = offs_o[:, None] * H + offs_h[None, :]
-            wa = tl.load(ow + w_off, mask=w_mask, other=0.0).to(tl.float32)
-            wg = tl.load(ow + H * H + w_off, mask=w_mask, other=0.0).to(tl.float32)
-            za = _rows_matvec(wa, yv, ROWS) + tl.load(ob + offs_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
-            zg = _rows_matvec(wg, yv, ROWS) + tl.load(ob + H + offs_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
+            za = _linear_tile(ow, ob, offs_o, mask_o, offs_h, mask_h, H, yv, ROWS)
+            zg = _linear_tile(ow + H * H, ob + H, offs_o, mask_o, offs_h, mask_h, H, yv, ROWS)
             tl.store(scr + 2 * H + offs_o[None, :], za * tl.sigmoid(zg),
                      mask=row_ok[:, None] & mask_o[None, :])                  # region [2H, 3H)
             j0 += BO_OUT
@@ -262,36 +233,16 @@ def _tier_step_fwd_kernel(
 
         # ---------------- FF residual block ----------------
         if HAS_FF:
-            h = _layer_norm(x, fnw_ptr + l64 * H, fnb_ptr + l64 * H, offs_h, mask_h, H, 1e-5)
+            h = layer_norm(x, fnw_ptr + l64 * H, fnb_ptr + l64 * H, offs_h, mask_h, H, LN_EPS)
             tl.store(scr + offs_h[None, :], h, mask=m_rh)                     # region [0, H)
             tl.debug_barrier()
             hv = tl.load(scr + offs_h[None, :], mask=m_rh, other=0.0)
-            w1 = w1_ptr + l64 * F * H
-            b1 = b1_ptr + l64 * F
-            f0 = tl.zeros((), dtype=tl.int32)
-            while f0 < F:
-                offs_o = f0 + tl.arange(0, BO_FF1)
-                mask_o = offs_o < F
-                w = tl.load(w1 + offs_o[:, None] * H + offs_h[None, :],
-                            mask=mask_o[:, None] & mask_h[None, :], other=0.0).to(tl.float32)
-                a = _rows_matvec(w, hv, ROWS) + tl.load(b1 + offs_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
-                tl.store(scr + 4 * H + offs_o[None, :], _gelu(a),
-                         mask=row_ok[:, None] & mask_o[None, :])              # region [4H, 4H + F)
-                f0 += BO_FF1
+            _linear_rows(w1_ptr + l64 * F * H, b1_ptr + l64 * F, hv, offs_h, mask_h, H, F,
+                         scr + 4 * H, row_ok, ROWS, BO_FF1, True)            # region [4H, 4H + F)
             tl.debug_barrier()
             fv = tl.load(scr + 4 * H + offs_f[None, :], mask=m_rf, other=0.0)
-            w2 = w2_ptr + l64 * H * F
-            b2 = b2_ptr + l64 * H
-            j0 = tl.zeros((), dtype=tl.int32)
-            while j0 < H:
-                offs_o = j0 + tl.arange(0, BO_FF2)
-                mask_o = offs_o < H
-                w = tl.load(w2 + offs_o[:, None] * F + offs_f[None, :],
-                            mask=mask_o[:, None] & mask_f[None, :], other=0.0).to(tl.float32)
-                o = _rows_matvec(w, fv, ROWS) + tl.load(b2 + offs_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
-                tl.store(scr + 3 * H + offs_o[None, :], o,
-                         mask=row_ok[:, None] & mask_o[None, :])              # region [3H, 4H)
-                j0 += BO_FF2
+            _linear_rows(w2_ptr + l64 * H * F, b2_ptr + l64 * H, fv, offs_f, mask_f, F, H,
+                         scr + 3 * H, row_ok, ROWS, BO_FF2, False)           # region [3H, 4H)
             tl.debug_barrier()
             x += tl.load(scr + 3 * H + offs_h[None, :], mask=m_rh, other=0.0)
         l += 1
@@ -369,22 +320,6 @@ def _tier_step_fake(state, x, s4_norm_w, s4_norm_b, dA, dB, C, D, P, Q, W, s4_ou
 # ---------------------------------------------------------------------------------------------
 # input checks
 
-def _complex_state(state) -> torch.Tensor:
-    """The complex view of the stacked state: itself, or view_as_complex of its planes."""
-    if not isinstance(state, torch.Tensor):
-        raise ValueError(f"{OP}: state must be a tensor, got {type(state).__name__}")
-    if state.is_floating_point():
-        if state.dim() != 5 or state.shape[-1] != 2:
-            raise ValueError(f"{OP}: a real state must be the planes (n_layers, B, H, N, 2) of a "
-                             f"complex state (torch.view_as_real layout), got shape {tuple(state.shape)}")
-        if state.stride(-1) != 1 or any(s % 2 for s in state.stride()[:-1]):
-            raise ValueError(f"{OP}: real state planes need stride 1 on the last dim and even "
-                             f"strides elsewhere, got stride {state.stride()}")
-        return torch.view_as_complex(state)
-    require_complex(OP, state=state)
-    return state
-
-
 def check_tier_inputs(x, state, params, ssm) -> dict:
     """Validate everything; returns the params with None entries dropped. state: complex view."""
     if ssm not in ("diag", "dplr"):
@@ -429,9 +364,7 @@ def check_tier_inputs(x, state, params, ssm) -> dict:
     if n < 1 or H < 1 or N < 1:
         raise ValueError(f"{OP}: state (n_layers, B, H, N) = {tuple(state.shape)} needs n_layers, "
                          f"H and N >= 1")
-    if any(st == 0 and sz > 1 for st, sz in zip(state.stride(), state.shape)):
-        raise ValueError(f"{OP}: state is updated in place and must not be an expanded tensor "
-                         f"(stride {state.stride()})")
+    check_not_expanded(OP, state)
     if tuple(x.shape) != (B, H):
         raise ValueError(f"{OP}: x must be (B, H) = {(B, H)} to match state, got {tuple(x.shape)}")
     shapes = dict(s4_norm_w=(n, H), s4_norm_b=(n, H), dA=(n, H, N), dB=(n, H, N), C=(n, H, N),
@@ -470,7 +403,7 @@ def tier_step(x: torch.Tensor, state: torch.Tensor, params: dict, ssm: str,
     backend: "auto" | "triton" | "reference" (kernels.reference.tier_step). Inference only.
     Returns float32 (B, H) on the Triton path (the reference path: the promoted dtype).
     """
-    xc = _complex_state(state)
+    xc = as_complex_state(OP, state, dims=4)
     p = check_tier_inputs(x, xc, params, ssm)
     device = same_device(OP, x=x, state=state, **p)
     check_inference_only(OP, x=x, state=state, **p)

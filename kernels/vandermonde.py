@@ -47,7 +47,7 @@ reduced argument is exact to ~1e-7 rad for |Im(x)| l up to ~1e6 rad; sin/cos/exp
 fast hardware approximations (absolute error ~5e-7). So each term carries a relative error of
 ~1e-6 at most, and the result (max abs error / max |out|, against complex128 on the same
 complex64 inputs) stays around 1e-6, <= 1e-5 up to L = 65536 for S4D-Lin / S4D-Inv inputs
-(`make_s4d_inputs`; the GPU test checks it). Not covered: sums whose terms do not decay while
+(`kernels.ops.make_s4d_inputs`; the GPU test checks it). Not covered: sums whose terms do not decay while
 |Im(x)| l grows past ~1e6 rad (the reduction then loses bits; such a sum is ill-conditioned
 in its fp32 inputs anyway: x itself is only known to 6e-8 relative), Re(x) > 0 large enough to
 overflow fp32, and L > 2^24 (positions must be exact in fp32: rejected with a ValueError).
@@ -63,10 +63,13 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels._utils import (choose_backend, configs, device_guard, interpreting, nvtx_range, require_complex,
+from kernels._jit import row_offset as _row_offset
+from kernels._utils import (check_pair_inputs, choose_backend, configs, device_guard, interpreting,
                             same_device)
+from kernels.ops import make_s4d_inputs  # noqa: F401  (re-exported; the factory lives in the registry)
+from kernels.profiling import nvtx_range
 
-__all__ = ["vandermonde", "vandermonde_fwd", "vandermonde_bwd", "make_s4d_inputs"]
+__all__ = ["vandermonde", "vandermonde_fwd", "vandermonde_bwd"]
 
 _OP = "vandermonde"
 _MAX_L = 2 ** 24  # positions l are converted to fp32: exact below 2^24
@@ -175,13 +178,14 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _row_offset(pid_b, D1, D2, stride_b0, stride_b1, stride_b2):
-    """Offset of output row pid_b (batch index (i0, i1, i2), dims (D0, D1, D2)) in a tensor."""
-    i2 = pid_b % D2
-    t = pid_b // D2
-    i1 = t % D1
-    i0 = t // D1
-    return i0 * stride_b0 + i1 * stride_b1 + i2 * stride_b2
+def _row_span(v_ptr, x_ptr, pid_b, D1, D2, SPAN, L, stride_v_b0, stride_v_b1, stride_v_b2,
+              stride_x_b0, stride_x_b1, stride_x_b2):
+    """Row pid_b's v and x (broadcast strides) and this program's range [start, end) of positions
+    (int32: L <= 2^24; only the row base pointers need int64)."""
+    v_row = v_ptr + _row_offset(pid_b, D1, D2, stride_v_b0, stride_v_b1, stride_v_b2)
+    x_row = x_ptr + _row_offset(pid_b, D1, D2, stride_x_b0, stride_x_b1, stride_x_b2)
+    start = tl.program_id(1) * SPAN
+    return v_row, x_row, start, tl.minimum(start + SPAN, L)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,12 +228,9 @@ def _vandermonde_fwd_kernel(
 ):
     # v_ptr, x_ptr: real views (..., N, 2) of complex64 tensors (re at +0, im at +1).
     pid_b = tl.program_id(0).to(tl.int64)
-    v_row = v_ptr + _row_offset(pid_b, D1, D2, stride_v_b0, stride_v_b1, stride_v_b2)
-    x_row = x_ptr + _row_offset(pid_b, D1, D2, stride_x_b0, stride_x_b1, stride_x_b2)
+    v_row, x_row, start, end = _row_span(v_ptr, x_ptr, pid_b, D1, D2, SPAN, L, stride_v_b0, stride_v_b1,
+                                         stride_v_b2, stride_x_b0, stride_x_b1, stride_x_b2)
     out_row = out_ptr + pid_b * stride_out_b
-    # positions fit in int32 (L <= 2^24); only the row base pointers need int64
-    start = tl.program_id(1) * SPAN
-    end = tl.minimum(start + SPAN, L)
     offs_n = tl.arange(0, BLOCK_N)
     offs_c = tl.arange(0, BLOCK_C)
     offs_j = tl.arange(0, BLOCK_J)
@@ -276,11 +277,9 @@ def _vandermonde_fwd_kernel(
 # BLOCK_N is tuned here too: 16 halves the registers (more programs per SM) at the price of
 # reading g once per n-block. The first config (interpreter) walks N in blocks of 16.
 _BWD_CONFIGS = [
-    triton.Config({"BLOCK_N": 16, "BLOCK_C": 16, "BLOCK_J": 16}, num_warps=1),
-    triton.Config({"BLOCK_N": 32, "BLOCK_C": 64, "BLOCK_J": 32}, num_warps=4),
-    triton.Config({"BLOCK_N": 32, "BLOCK_C": 128, "BLOCK_J": 32}, num_warps=8),
-    triton.Config({"BLOCK_N": 16, "BLOCK_C": 64, "BLOCK_J": 32}, num_warps=4),
-    triton.Config({"BLOCK_N": 16, "BLOCK_C": 128, "BLOCK_J": 32}, num_warps=8),
+    triton.Config({"BLOCK_N": n, "BLOCK_C": c, "BLOCK_J": j}, num_warps=w)
+    for n, c, j, w in [(16, 16, 16, 1), (32, 64, 32, 4), (32, 128, 32, 8), (16, 64, 32, 4),
+                       (16, 128, 32, 8)]
 ]
 
 
@@ -320,12 +319,9 @@ def _vandermonde_bwd_kernel(
     pid_b = tl.program_id(0).to(tl.int64)
     pid_l = tl.program_id(1).to(tl.int64)
     num_l = tl.num_programs(1).to(tl.int64)
-    v_row = v_ptr + _row_offset(pid_b, D1, D2, stride_v_b0, stride_v_b1, stride_v_b2)
-    x_row = x_ptr + _row_offset(pid_b, D1, D2, stride_x_b0, stride_x_b1, stride_x_b2)
+    v_row, x_row, start, end = _row_span(v_ptr, x_ptr, pid_b, D1, D2, SPAN, L, stride_v_b0, stride_v_b1,
+                                         stride_v_b2, stride_x_b0, stride_x_b1, stride_x_b2)
     g_row = g_ptr + pid_b * stride_g_b
-    # positions fit in int32 (L <= 2^24); only the row base pointers need int64
-    start = tl.program_id(1) * SPAN
-    end = tl.minimum(start + SPAN, L)
     offs_n = tl.arange(0, BLOCK_N)
     offs_c = tl.arange(0, BLOCK_C)
     offs_j = tl.arange(0, BLOCK_J)
@@ -646,21 +642,8 @@ def vandermonde(v: torch.Tensor, x: torch.Tensor, L: int, backend: str = "auto")
     backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1, else the reference; complex128
     always goes to the reference), "triton" (complex64 only) or "reference".
     """
-    require_complex(_OP, v=v, x=x)
     L = _check_L(L)
-    if v.dim() < 1 or x.dim() < 1:
-        raise ValueError(f"{_OP}: v and x must have shape (..., N), got {tuple(v.shape)} and "
-                         f"{tuple(x.shape)}")
-    if v.shape[-1] != x.shape[-1]:
-        raise ValueError(f"{_OP}: v and x must have the same N (last dim), got shapes "
-                         f"{tuple(v.shape)} and {tuple(x.shape)}")
-    if v.shape[-1] < 1:
-        raise ValueError(f"{_OP}: N must be >= 1, got shapes {tuple(v.shape)} and {tuple(x.shape)}")
-    try:
-        torch.broadcast_shapes(v.shape[:-1], x.shape[:-1])
-    except RuntimeError:
-        raise ValueError(f"{_OP}: the leading dims of v {tuple(v.shape)} and x {tuple(x.shape)} "
-                         f"do not broadcast") from None
+    check_pair_inputs(_OP, ("v", "x"), v, x)
     device = same_device(_OP, v=v, x=x)
     path = choose_backend(_OP, backend, device)
     if path == "triton" and (v.dtype != torch.complex64 or x.dtype != torch.complex64):
@@ -675,32 +658,3 @@ def vandermonde(v: torch.Tensor, x: torch.Tensor, L: int, backend: str = "auto")
     v_r = torch.view_as_real(v.resolve_conj().resolve_neg())
     x_r = torch.view_as_real(x.resolve_conj().resolve_neg())
     return _fwd_op(v_r, x_r, L)
-
-
-def make_s4d_inputs(batch, N: int, init: str = "lin", *, generator: torch.Generator | None = None,
-                    device=None, dtype: torch.dtype = torch.complex64,
-                    dt_min: float = 1e-3, dt_max: float = 1e-1):
-    """S4D-like (v, x) of shape (*batch, N) as the diagonal S4 layer builds them (ZOH):
-
-        A_n = -1/2 + i Im(A_n)   (S4D-Lin: Im = pi n;  S4D-Inv: Im = N/pi (N/(2n+1) - 1))
-        dt ~ log-uniform [dt_min, dt_max] per row,  x = dt A,  B = 1,
-        v = C B (exp(x) - 1) / A,  C ~ standard complex normal.
-
-    Computed in complex128 and rounded once to `dtype` (the kernel and a complex128 reference
-    then see the same numbers). Seeded by `generator` (CPU generator; tensors moved to `device`).
-    """
-    if isinstance(batch, int):
-        batch = (batch,)
-    batch = tuple(batch)
-    if init not in ("lin", "inv"):
-        raise ValueError(f"make_s4d_inputs: init must be 'lin' or 'inv', got {init!r}")
-    n = torch.arange(N, dtype=torch.float64)
-    imag = math.pi * n if init == "lin" else N / math.pi * (N / (2 * n + 1) - 1)
-    A = torch.complex(torch.full_like(n, -0.5), imag)
-    u = torch.rand(batch + (1,), generator=generator, dtype=torch.float64)
-    dt = torch.exp(math.log(dt_min) + u * (math.log(dt_max) - math.log(dt_min)))
-    x = dt * A
-    re, im = (torch.randn(batch + (N,), generator=generator, dtype=torch.float64) for _ in "ri")
-    C = torch.complex(re, im) / math.sqrt(2)
-    v = C * (torch.exp(x) - 1) / A
-    return v.to(dtype).to(device), x.to(dtype).to(device)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from kernels._utils import nvtx_range
+from kernels.profiling import nvtx_range
 from sashimi.s4 import S4Layer
 
 LN2 = math.log(2.0)
@@ -257,24 +257,42 @@ class Backbone(nn.Module):
         self.up_tiers = nn.ModuleList(up_tiers)
         self.norm = nn.LayerNorm(H)
 
-    def forward(self, x):
+    def walk(self, x, down, tier, up):
+        """The U-Net, shared by `forward`, `step` and prefill (sashimi.prefill): each down pool
+        (`down(i, x)`; None: this level and the ones below it do not run now, as in `step`), the
+        center tier plus the skip around it, then per level `up(j, x, skip)` (the UpPool plus
+        its skip; x is None when the center did not run: the pool replays its buffer) and that
+        level's tier plus its residual. `tier(i, x)`: tier i (0 = center, 1 + j = up tier j)
+        without its skip. Returns the final LayerNorm of the output."""
         skips = [x]
-        for i, pool in enumerate(self.down):
-            with nvtx_range(f"sashimi/model/down{i}"):
-                x = pool(x)
+        for i in range(len(self.down)):
+            x = down(i, x)
+            if x is None:
+                break
             skips.append(x)
-        with nvtx_range("sashimi/model/center"):
-            for layer in self.center:
-                x = layer(x)
-        x = x + skips.pop()
-        for j, (up, tier) in enumerate(zip(self.up, self.up_tiers)):
-            with nvtx_range(f"sashimi/model/up{j}"):
-                x = up(x) + skips.pop()
-                skip = x
-                for layer in tier:
-                    x = layer(x)
-                x = x + skip
+        n = len(self.down)
+        if x is not None:
+            x = tier(0, x) + skips.pop()
+            first = 0
+        else:  # tiers above len(skips) - 1 did not run: their UpPools replay buffered outputs
+            first = n - len(skips)
+        for j in range(first, n):
+            x = up(j, x, skips.pop())
+            x = tier(1 + j, x) + x
         return self.norm(x)
+
+    def forward(self, x):
+        def down(i, x):
+            with nvtx_range(f"sashimi/model/down{i}"):
+                return self.down[i](x)
+
+        def tier(i, x):
+            with nvtx_range("sashimi/model/center" if i == 0 else f"sashimi/model/up{i - 1}"):
+                for layer in self._tiers()[i]:
+                    x = layer(x)
+                return x
+
+        return self.walk(x, down, tier, lambda j, x, skip: self.up[j](x) + skip)
 
     def _tiers(self) -> list[nn.ModuleList]:
         return [self.center, *self.up_tiers]
@@ -304,10 +322,12 @@ class Backbone(nn.Module):
                 out.append(None)
         return out
 
-    def pack_step_params(self) -> None:
+    def pack_step_params(self, fused: bool = True) -> None:
         """Stack every tier's step constants and weights for `kernels.tier_step` (after the
-        S4 layers' setup_step; again after any weight change)."""
-        self._packed = [(*pack_tier(tier), tier[0].layer.kernel_backend) for tier in self._tiers()]
+        S4 layers' setup_step; again after any weight change). fused=False: step module by
+        module instead."""
+        self._packed = ([(*pack_tier(tier), tier[0].layer.kernel_backend) for tier in self._tiers()]
+                        if fused else None)
 
     def _tier_step(self, i: int, x: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
         packed = getattr(self, "_packed", None)
@@ -332,23 +352,14 @@ class Backbone(nn.Module):
         """Interleaved time step t: (B, H) -> (B, H). Coarser tiers run every p-th step; what
         runs depends only on t mod prod(pool), so each of those variants is a static graph."""
         phases = self.phases(t)
-        skips = [x]
-        for pool, s, ph in zip(self.down, state["down"], phases):
-            x = pool.step(x, s, ph)
-            if x is None:
-                break
-            skips.append(x)
         n = len(self.down)
-        if x is not None:
-            x = self._tier_step(0, x, state["center"]) + skips.pop()
-            first = 0
-        else:  # tiers above len(skips) - 1 did not run: their UpPools replay buffered outputs
-            first = n - len(skips)
-        for j in range(first, n):
-            tier = n - 1 - j  # the tier this UpPool feeds
-            x = self.up[j].step(x, state["up"][j], phases[tier]) + skips.pop()
-            x = self._tier_step(1 + j, x, state["up_tiers"][j]) + x
-        return self.norm(x)
+        stacked = [state["center"], *state["up_tiers"]]
+        return self.walk(
+            x,
+            lambda i, x: self.down[i].step(x, state["down"][i], phases[i]),
+            lambda i, x: self._tier_step(i, x, stacked[i]),
+            # UpPool j feeds tier n - 1 - j: its slot is that tier's phase
+            lambda j, x, skip: self.up[j].step(x, state["up"][j], phases[n - 1 - j]) + skip)
 
 
 # --------------------------------------------------------------------------------------------
@@ -503,10 +514,7 @@ class SaShiMi(nn.Module):
         for m in self.modules():
             if isinstance(m, S4Layer):
                 m.setup_step()
-        if fused:
-            self.backbone.pack_step_params()
-        else:
-            self.backbone._packed = None
+        self.backbone.pack_step_params(fused)
 
     def default_state(self, batch: int, device=None):
         device = self.embedding.weight.device if device is None else device
@@ -540,10 +548,9 @@ def pack_tier(tier: nn.ModuleList) -> tuple[dict, str]:
     Residual(FeedForward)] x n, or S4 blocks only when ff = 0), after setup_step()."""
     s4 = [m for m in tier if isinstance(m.layer, S4Layer)]
     ff = [m for m in tier if isinstance(m.layer, FeedForward)]
-    steps = [m.layer._step for m in s4]
-    ssm = steps[0]["kind"]
-    keys = ("dA", "dB", "C", "D") + (("P", "Q", "W") if ssm == "dplr" else ())
-    p = {k: torch.stack([st[k] for st in steps]) for k in keys}
+    steps = [m.layer.step_factors().tensors() for m in s4]
+    ssm = s4[0].layer.step_factors().ssm
+    p = {k: torch.stack([st[k] for st in steps]) for k in steps[0]}
     p.update(s4_norm_w=torch.stack([m.norm.weight for m in s4]),
              s4_norm_b=torch.stack([m.norm.bias for m in s4]),
              s4_out_w=torch.stack([m.layer.out.weight for m in s4]),
@@ -556,10 +563,6 @@ def pack_tier(tier: nn.ModuleList) -> tuple[dict, str]:
                  ff_w2=torch.stack([m.layer.lin2.weight for m in ff]),
                  ff_b2=torch.stack([m.layer.lin2.bias for m in ff]))
     return {k: v.detach().contiguous() for k, v in p.items()}, ssm
-
-
-def build_model(cfg: ModelConfig) -> SaShiMi:
-    return SaShiMi(cfg)
 
 
 def count_parameters(model: nn.Module) -> int:

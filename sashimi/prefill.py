@@ -68,23 +68,14 @@ class BlockOps:
 _CACHE: "weakref.WeakKeyDictionary[S4Layer, dict]" = weakref.WeakKeyDictionary()
 
 
-def _same_step(a: dict, b: dict) -> bool:
-    """Whether two setup_step() results hold the same factors (setup_step rebuilds them)."""
-    if a is b:
-        return True
-    if a.keys() != b.keys():
-        return False
-    return all((torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k]) for k in a)
-
-
 def _step128(layer: S4Layer):
     """The layer's own step (its `setup_step()` factors) in complex128, kernels.reference math."""
-    s = layer._step
+    s = layer.step_factors()
     if s is None:
         raise RuntimeError("call model.setup_step() before prefill()")
-    c = {k: v.to(torch.complex128) for k, v in s.items() if torch.is_tensor(v) and v.is_complex()}
-    D = s["D"].to(torch.float64)
-    if s["kind"] == "diag":
+    c = {k: v.to(torch.complex128) for k, v in s.tensors().items() if v.is_complex()}
+    D = s.D.to(torch.float64)
+    if s.ssm == "diag":
         return lambda x, u: reference.ssm_step(x, u, c["dA"], c["dB"], c["C"], D)
     return lambda x, u: reference.dplr_step(x, u, c["dA"], c["dB"], c["C"], D, c["P"], c["Q"], c["W"])
 
@@ -94,17 +85,18 @@ def block_ops(layer: S4Layer, block: int = 128, dtype: torch.dtype = torch.float
     """The block operators of `layer` for block size `block` (cached until the next setup_step)."""
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
-    if layer._step is None:
+    factors = layer.step_factors()
+    if factors is None:
         raise RuntimeError("call model.setup_step() before prefill()")
     per_layer = _CACHE.setdefault(layer, {})
     key = (block, dtype)
     hit = per_layer.get(key)
-    if hit is not None and _same_step(hit[0], layer._step):
-        per_layer[key] = (layer._step, hit[1])
+    if hit is not None and factors.same_as(hit[0]):
+        per_layer[key] = (factors, hit[1])
         return hit[1]
     step = _step128(layer)
-    dev = layer._step["dA"].device
-    H, N = layer._step["dA"].shape
+    dev = factors.dA.device
+    H, N = factors.dA.shape
     b = block
     # one batch of 1 + 2N runs of b steps: row 0 a unit impulse from the zero state (outputs
     # K_k with D at k = 0, states V_k = A^k B_bar); rows 1 + m the real basis states (e_n,
@@ -134,7 +126,7 @@ def block_ops(layer: S4Layer, block: int = 128, dtype: torch.dtype = torch.float
         transition=realify(X).permute(1, 0, 2).to(dtype).contiguous(),
         step=step,
     )
-    per_layer[key] = (layer._step, ops)
+    per_layer[key] = (factors, ops)
     return ops
 
 
@@ -225,27 +217,30 @@ def _fill_down_buffer(buf: torch.Tensor, x: torch.Tensor) -> None:
 
 def _backbone(bb, x: torch.Tensor, state: dict, block: int, dtype) -> torch.Tensor:
     B = x.shape[0]
-    skips = [x]
-    for pool, buf in zip(bb.down, state["down"]):
-        _fill_down_buffer(buf, x)
+    tiers = [bb.center, *bb.up_tiers]
+    stacked = [state["center"], *state["up_tiers"]]
+
+    def down(i, x):
+        pool = bb.down[i]
+        _fill_down_buffer(state["down"][i], x)
         Tc = x.shape[1] // pool.pool
-        x = pool.linear(x[:, : Tc * pool.pool].reshape(B, Tc, pool.pool * x.shape[-1]))
-        skips.append(x)
-    x = _run_tier(bb.center, bb.layer_states(bb.center, state["center"]), x, block, dtype)
-    x = x + skips.pop()
-    for j, (up, tier) in enumerate(zip(bb.up, bb.up_tiers)):
-        fine = skips.pop()
+        return pool.linear(x[:, : Tc * pool.pool].reshape(B, Tc, pool.pool * x.shape[-1]))
+
+    def up(j, x, fine):
+        up, buf = bb.up[j], state["up"][j]
         Tf, Tc = fine.shape[1], x.shape[1]
         lin = up.linear(x)                                            # (B, Tc, p * d_out)
-        buf = state["up"][j]
         if Tc > 0:
             buf.copy_(lin[:, -1].view(B, up.pool, up.d_out))
         else:
             buf.zero_()
         blocks = torch.cat([lin.new_zeros(B, 1, lin.shape[-1]), lin], 1)  # block m from coarse m - 1
-        x = blocks.reshape(B, (Tc + 1) * up.pool, up.d_out)[:, :Tf] + fine
-        x = _run_tier(tier, bb.layer_states(tier, state["up_tiers"][j]), x, block, dtype) + x
-    return bb.norm(x)
+        return blocks.reshape(B, (Tc + 1) * up.pool, up.d_out)[:, :Tf] + fine
+
+    def tier(i, x):
+        return _run_tier(tiers[i], bb.layer_states(tiers[i], stacked[i]), x, block, dtype)
+
+    return bb.walk(x, down, tier, up)
 
 
 @torch.no_grad()
@@ -267,7 +262,7 @@ def prefill(model: SaShiMi, tokens: torch.Tensor, *, block: int = 128, dtype: to
     B, T = tokens.shape
     if T < 1:
         raise ValueError("prefill: the prompt must hold at least one token")
-    if any(m._step is None for m in model.modules() if isinstance(m, S4Layer)):
+    if any(m.step_factors() is None for m in model.modules() if isinstance(m, S4Layer)):
         raise RuntimeError("call model.setup_step() before prefill()")
     state = model.default_state(B)
     x = F.embedding(tokens.long(), model.embedding.weight)

@@ -18,15 +18,51 @@ that `sashimi.train` turns into parameter groups.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from kernels._utils import nvtx_range
+from kernels import reference
+from kernels.profiling import nvtx_range
 
 SSM_LR = 1e-3
+
+
+@dataclass(frozen=True)
+class StepFactors:
+    """An S4 layer's exact recurrent step (`S4Layer.step_factors()`, after `setup_step()`), in the
+    form `kernels.ssm_step` (ssm="diag": dA, dB, C, D) and `kernels.dplr_step` (ssm="dplr": also
+    P, Q, W of rank r, (r, H, N)) take: complex64 (H, N) factors, D float32 (H,)."""
+    ssm: str
+    dA: torch.Tensor
+    dB: torch.Tensor
+    C: torch.Tensor
+    D: torch.Tensor
+    P: torch.Tensor | None = None
+    Q: torch.Tensor | None = None
+    W: torch.Tensor | None = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The factors as keyword arguments of the step op (dA, dB, C, D[, P, Q, W])."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name != "ssm" and getattr(self, f.name) is not None}
+
+    def __getitem__(self, name: str):
+        """Read-only dict-style access (s["dA"], s["kind"]) for code written against the former
+        `S4Layer._step` dict; new code uses the attributes."""
+        return self.ssm if name == "kind" else getattr(self, name)
+
+    def same_as(self, other: "StepFactors | None") -> bool:
+        """The same factors (setup_step rebuilds them: identity is not enough)."""
+        if other is self:
+            return True
+        if other is None or other.ssm != self.ssm:
+            return False
+        a, b = self.tensors(), other.tensors()
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _ssm_param(module: nn.Module, name: str, value: torch.Tensor, lr: float = SSM_LR) -> None:
@@ -193,24 +229,17 @@ class S4Layer(nn.Module):
         B = _as_complex(self.B).to(torch.complex128)
         C = _as_complex(self.C).to(torch.complex128)
         if self.ssm == "diag":
-            dtA = dt[:, None] * Lam
-            dA = torch.exp(dtA)
-            dB = (dA - 1) / Lam * B
-            self._step = dict(kind="diag", dA=dA, dB=dB, C=C)
+            f = dict(reference.diag_step_factors(dt[:, None], Lam, B), C=C)
         else:
-            P = _as_complex(self.P).to(torch.complex128)                   # (1, H, N)
-            E = 1 / (2 / dt[:, None] - Lam)                                # (2/dt - Lambda)^-1
-            dA = E * (2 / dt[:, None] + Lam)
-            dB = 2 * E * B
-            EP = E * P                                                     # (1, H, N)
-            # M = (1 + Q^* E P)^-1 (rank 1: a real scalar per channel), Q = P
-            qep = 2 * (P.conj() * EP).sum(-1).real                         # (1, H)
-            W = P / (1 + qep)[..., None]
-            C = self._undo_c_tilde(C, dt, Lam, P)
-            self._step = dict(kind="dplr", dA=dA, dB=dB, C=C, P=EP, Q=P, W=W)
-        dtype = torch.complex64
-        self._step = {k: (v.to(dtype).contiguous() if torch.is_tensor(v) else v) for k, v in self._step.items()}
-        self._step["D"] = self.D.detach().float().contiguous()
+            P = _as_complex(self.P).to(torch.complex128)                   # (1, H, N), Q = P
+            f = dict(reference.dplr_step_factors(dt[:, None], Lam, B, P),
+                     C=self._undo_c_tilde(C, dt, Lam, P))
+        f = {k: v.to(torch.complex64).contiguous() for k, v in f.items()}
+        self._step = StepFactors(self.ssm, D=self.D.detach().float().contiguous(), **f)
+
+    def step_factors(self) -> StepFactors | None:
+        """The exact recurrent step prepared by `setup_step()` (None before it)."""
+        return self._step
 
     def _undo_c_tilde(self, C_tilde, dt, Lam, P):
         """C = C~ (I - A_bar^L)^-1 on the full 2N state (dense, at setup only)."""
@@ -235,11 +264,6 @@ class S4Layer(nn.Module):
         """x: (B, H) one time step -> (B, H); `state` is updated in place."""
         if self._step is None:
             raise RuntimeError("call setup_step() before step()")
-        s = self._step
-        u = x.float()
-        if s["kind"] == "diag":
-            y = kernels.ssm_step(state, u, s["dA"], s["dB"], s["C"], s["D"], backend=self.kernel_backend)
-        else:
-            y = kernels.dplr_step(state, u, s["dA"], s["dB"], s["C"], s["D"], s["P"], s["Q"], s["W"],
-                                  backend=self.kernel_backend)
+        op = kernels.ssm_step if self._step.ssm == "diag" else kernels.dplr_step
+        y = op(state, x.float(), **self._step.tensors(), backend=self.kernel_backend)
         return F.glu(self.out(F.gelu(y)), dim=-1)

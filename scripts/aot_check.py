@@ -39,6 +39,7 @@ import io
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -64,9 +65,11 @@ H100_SMS = 132
 MAX_SHARED = 232448          # H100: max dynamic shared memory per block (opt-in), bytes
 MAX_THREADS = 1024
 MAX_GRID = (2**31 - 1, 65535, 65535)
-META = torch.device("meta")
 
-OPS = ("cauchy", "vandermonde", "embed_interleave", "ssm_step", "dplr_step", "tier_step")
+
+def _ops() -> tuple[str, ...]:
+    from kernels.ops import OPS  # the one list of ops
+    return tuple(OPS)
 
 
 def mod(name: str):
@@ -127,120 +130,12 @@ def recording(ops):
             setattr(obj, name, old)
 
 
-def meta(*shape, dtype=torch.float32):
-    return torch.empty(*shape, dtype=dtype, device=META)
+# Scenarios: the launchers called at the paper / anchor sizes (meta tensors: nothing allocated),
+# declared once per op in the registry (kernels.ops.OPS[op].compile_cases)
 
-
-# ----------------------------------------------------------------------------------------------
-# Scenarios: the launchers called at the paper / anchor sizes (meta tensors: nothing allocated)
-# ----------------------------------------------------------------------------------------------
-
-def scenarios_cauchy():
-    c = mod("cauchy")
-    N = 32
-    for name, vshape, wshape, nodes in [
-        ("bench 1024x32, L=16384", (1024, N), (1024, N), 16384 // 2 + 1),
-        ("anchor 1024x32, L=65536", (1024, N), (1024, N), 65536 // 2 + 1),
-        ("S4 dplr v(4,256,32) w(256,32), L=16384", (4, 256, N), (256, N), 16384 // 2),
-    ]:
-        v, w, z = meta(*vshape, 2), meta(*wshape, 2), meta(nodes, 2)
-        batch = torch.broadcast_shapes(vshape[:-1], wshape[:-1])
-        yield f"cauchy fwd {name}", lambda v=v, z=z, w=w: c.cauchy_fwd(v, z, w)
-        g = meta(*batch, nodes, 2)
-        yield f"cauchy bwd {name}", lambda g=g, v=v, z=z, w=w: c.cauchy_bwd(g, v, z, w)
-
-
-def scenarios_vandermonde():
-    vm = mod("vandermonde")
-    # paper / anchor sizes, then N that is not a multiple of the n-block (EVEN_N = False), wider
-    # than one n-block (SINGLE_N = False) and the widest block (64), as the GPU tests use them
-    for B, N, L in [(1024, 32, 16384), (1024, 32, 65536), (64, 32, 16384), (256, 32, 16384),
-                    (16, 17, 5000), (16, 64, 65536), (16, 100, 4096)]:
-        v, x = meta(B, N, 2), meta(B, N, 2)
-        yield f"vandermonde fwd B={B} N={N} L={L}", lambda v=v, x=x, L=L: vm.vandermonde_fwd(v, x, L)
-        g = meta(B, L)
-        yield f"vandermonde bwd B={B} N={N} L={L}", lambda g=g, v=v, x=x, L=L: vm.vandermonde_bwd(g, v, x, L)
-
-
-def scenarios_embed():
-    e = mod("embed_interleave")
-    B, L, C, D = 16, 64000, 2, 64
-    tokens = meta(B, L + 1, C, dtype=torch.int64)[:, :L]   # the trainer's batch[:, :L] view
-    for V in (256, 65536):
-        for wdt in (torch.float32, torch.bfloat16):
-            w = meta(V, D, dtype=wdt)
-            for odt in (torch.float32, torch.bfloat16):
-                yield (f"embed fwd V={V} w={str(wdt)[6:]} out={str(odt)[6:]}",
-                       lambda w=w, odt=odt: e.embed_interleave_fwd(tokens, w, 8.0, odt))
-            for gdt in (torch.float32, torch.bfloat16):
-                g = meta(B, L * C, D, dtype=gdt)
-                for det in (False, True):
-                    yield (f"embed bwd V={V} w={str(wdt)[6:]} grad={str(gdt)[6:]} det={det}",
-                           lambda g=g, V=V, wdt=wdt, det=det:
-                           e.embed_interleave_bwd(g, tokens, V, wdt, 8.0, det))
-    # the other token dtypes the public API takes (uint8 needs other=-1 to fit the dtype)
-    w, g = meta(256, D), meta(B, L * C, D, dtype=torch.bfloat16)
-    for tdt in (torch.uint8, torch.int8, torch.int16, torch.int32):
-        tok = meta(B, L, C, dtype=tdt)
-        yield (f"embed fwd V=256 tokens={str(tdt)[6:]}",
-               lambda tok=tok: e.embed_interleave_fwd(tok, w, 8.0, torch.bfloat16))
-        for V in (256, 65536):
-            for det in (False, True):
-                yield (f"embed bwd V={V} tokens={str(tdt)[6:]} det={det}",
-                       lambda tok=tok, V=V, det=det: e.embed_interleave_bwd(g, tok, V, torch.float32, 8.0, det))
-
-
-def scenarios_ssm_step():
-    s = mod("ssm_step")
-    H, N = 256, 32
-    for B in (1, 256, 1024):
-        yield (f"ssm_step B={B} H={H} N={N}",
-               lambda B=B: s.ssm_step_fwd(meta(B, H, N, 2), meta(B, H), meta(H, N, 2), meta(H, N, 2),
-                                          meta(H, N, 2), meta(H)))
-
-
-def scenarios_dplr_step():
-    d = mod("dplr_step")
-    N = 32
-    for B, H, r in [(1, 256, 1), (256, 256, 1), (1024, 256, 1), (2, 64, 2)]:  # r = 2: a GPU test
-        yield (f"dplr_step B={B} H={H} N={N} r={r}",
-               lambda B=B, H=H, r=r: d.dplr_step_fwd(meta(B, H, N, 2), meta(B, H), meta(H, N, 2), meta(H, N, 2),
-                                           meta(H, N, 2), meta(H), meta(r, H, N, 2), meta(r, H, N, 2),
-                                           meta(r, H, N, 2)))
-
-
-def scenarios_tier_step():
-    t = mod("tier_step")
-    N, NL, r = 32, 8, 1
-    for H in (64, 128, 256):
-        F = 2 * H
-        for ssm in ("dplr", "diag"):
-            for ff in (True, False):
-                for B in (1, 256):
-                    def call(H=H, F=F, ssm=ssm, ff=ff, B=B):
-                        pqw = [meta(NL, r, H, N, 2) for _ in range(3)] if ssm == "dplr" else [None] * 3
-                        ffw = ([meta(NL, H), meta(NL, H), meta(NL, F, H), meta(NL, F), meta(NL, H, F),
-                                meta(NL, H)] if ff else [None] * 6)
-                        return t.tier_step_fwd(meta(NL, B, H, N, 2), meta(B, H), meta(NL, H), meta(NL, H),
-                                               meta(NL, H, N, 2), meta(NL, H, N, 2), meta(NL, H, N, 2),
-                                               meta(NL, H), *pqw, meta(NL, 2 * H, H), meta(NL, 2 * H), *ffw)
-                    yield f"tier_step H={H} N={N} F={F if ff else 0} n=8 {ssm} ff={ff} B={B}", call
-    # bf16 weights (the docstring's bandwidth option): the widest tier, dplr, with FF
-    H, F, B, bf = 256, 512, 1, torch.bfloat16
-    yield (f"tier_step H={H} N={N} F={F} n=8 dplr ff=True B={B} bf16 weights",
-           lambda: t.tier_step_fwd(meta(NL, B, H, N, 2), meta(B, H), meta(NL, H, dtype=bf), meta(NL, H, dtype=bf),
-                                   meta(NL, H, N, 2), meta(NL, H, N, 2), meta(NL, H, N, 2), meta(NL, H, dtype=bf),
-                                   *[meta(NL, r, H, N, 2) for _ in range(3)],
-                                   meta(NL, 2 * H, H, dtype=bf), meta(NL, 2 * H, dtype=bf),
-                                   meta(NL, H, dtype=bf), meta(NL, H, dtype=bf), meta(NL, F, H, dtype=bf),
-                                   meta(NL, F, dtype=bf), meta(NL, H, F, dtype=bf), meta(NL, H, dtype=bf)))
-
-
-SCENARIOS = {
-    "cauchy": scenarios_cauchy, "vandermonde": scenarios_vandermonde,
-    "embed_interleave": scenarios_embed, "ssm_step": scenarios_ssm_step,
-    "dplr_step": scenarios_dplr_step, "tier_step": scenarios_tier_step,
-}
+def scenarios(op: str):
+    from kernels.ops import OPS
+    return OPS[op].compile_cases()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,10 +264,75 @@ _PTXAS_RE = {
 }
 
 
+# ----------------------------------------------------------------------------------------------
+# SASS: the hot loop of a compiled kernel (nvdisasm ships in the Triton wheel)
+# ----------------------------------------------------------------------------------------------
+
+NVDISASM = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+_SASS_INSTR = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(.*?)\s*;")
+_SASS_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+_SASS_BRA = re.compile(r"\bBRA\b.*?(\.L_x_\d+)")
+
+
+def disassemble(cubin: bytes) -> str:
+    """The SASS of a cubin (nvdisasm -c: code only)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([NVDISASM, "-c", f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def sass_loops(sass: str) -> tuple[list[str], list[tuple[int, int]]]:
+    """(instructions, innermost loops): a loop is the span from a label to a later branch back
+    to it (several back branches to one label: one loop, to the last); innermost: contains no
+    other loop; in address order. NOPs are dropped (padding, not work)."""
+    instrs: list[str] = []
+    labels: dict[str, int] = {}
+    for line in sass.splitlines():
+        m = _SASS_LABEL.match(line)
+        if m:
+            labels[m.group(1)] = len(instrs)
+            continue
+        m = _SASS_INSTR.match(line)
+        if m and not m.group(1).startswith("NOP"):
+            instrs.append(m.group(1))
+    ends: dict[int, int] = {}
+    for i, text in enumerate(instrs):
+        m = _SASS_BRA.search(text)
+        if m and m.group(1) in labels and labels[m.group(1)] < i:
+            start = labels[m.group(1)]
+            ends[start] = max(ends.get(start, i), i)
+    loops = sorted(ends.items())
+    inner = [(a, b) for a, b in loops
+             if not any((c, d) != (a, b) and a <= c and d <= b for c, d in loops)]
+    return instrs, inner
+
+
+def hot_loop_metrics(sass: str, kernel: str, kw: dict) -> dict:
+    """Instructions of the kernel's hot loop (kernels.ops HotLoop: which loop, what one iteration
+    does) per unit of work per thread. Undeclared kernels: the first innermost loop, per
+    iteration."""
+    from kernels.ops import hot_loop, units_per_thread
+    instrs, inner = sass_loops(sass)
+    decl = hot_loop(kernel)
+    which = 0 if decl is None else decl.loop
+    whole = which is None or which >= len(inner)
+    if whole:
+        n, where = len(instrs), "kernel"
+    else:
+        a, b = inner[which]
+        n, where = b - a + 1, f"loop {which + 1}/{len(inner)}"
+    unit, per_thread = units_per_thread(kernel, kw, whole)
+    return dict(loop_instrs=n, loop=where, unit=unit, per_unit=round(n / per_thread, 3),
+                sass_instrs=len(instrs))
+
+
 def compile_job(job: Job) -> dict:
     """Compile one (kernel, config) for sm_90; returns the metrics (runs in a worker process)."""
     res = dict(status="ok", error="", regs=None, spill_st=None, spill_ld=None, stack=None,
-               shared=None, threads=None, scratch=0, seconds=0.0)
+               shared=None, threads=None, scratch=0, seconds=0.0, loop_instrs=None, loop="",
+               unit="", per_unit=None, sass_instrs=None)
     t0 = time.time()
     try:
         options, signature, constexprs, attrs = _specialise(job)
@@ -384,6 +344,7 @@ def compile_job(job: Job) -> dict:
                                options=options.__dict__)
         log = buf.getvalue()
         md = k.metadata
+        res.update(hot_loop_metrics(disassemble(k.asm["cubin"]), job.kernel, job.call_kwargs))
         res["shared"] = md.shared
         res["threads"] = md.num_warps * 32
         res["scratch"] = (getattr(md, "global_scratch_size", 0) or 0) + (getattr(md, "profile_scratch_size", 0) or 0)
@@ -447,12 +408,22 @@ def main(argv=None) -> int:
                     help="Triton cache dir to fill (e.g. to carry compiled sm_90 kernels to the GPU "
                          "machine as TRITON_CACHE_DIR); default: a temporary dir")
     ap.add_argument("-v", "--verbose", action="store_true", help="print the traceback of errors")
+    ap.add_argument("--baseline", default=BASELINE,
+                    help="the static gate's baseline (default: bench/baselines/sm90_static.json)")
+    ap.add_argument("--update-baseline", action="store_true",
+                    help="write the baseline from this run (for the ops checked) instead of comparing")
+    ap.add_argument("--reason", default="", help="why the baseline changes (stored in it)")
+    ap.add_argument("--markdown", default="", help="write the static table (markdown) here")
+    ap.add_argument("--benchmarks-md", default="",
+                    help="write the static table between the static-gate markers of this file "
+                         "(BENCHMARKS.md)")
     a = ap.parse_args(argv)
 
-    ops = [o for o in (a.only.split(",") if a.only else OPS) if o]
+    known = _ops()
+    ops = [o for o in (a.only.split(",") if a.only else known) if o]
     for o in ops:
-        if o not in OPS:
-            ap.error(f"unknown op {o!r} (choose from {', '.join(OPS)})")
+        if o not in known:
+            ap.error(f"unknown op {o!r} (choose from {', '.join(known)})")
     if a.cache_dir:
         os.environ["TRITON_CACHE_DIR"] = os.path.abspath(a.cache_dir)
         return _main(a, ops)
@@ -475,7 +446,7 @@ def _main(a, ops) -> int:
     scenario_errors = []
     with recording(ops), torch.no_grad():
         for op in ops:
-            for name, call in SCENARIOS[op]():
+            for name, call in scenarios(op):
                 _SCENARIO[0] = name
                 n0 = len(_RECORDED)
                 try:
@@ -500,7 +471,7 @@ def _main(a, ops) -> int:
         if job.key not in unique:
             unique[job.key] = len(_JOBS)
             _JOBS.append(job)
-    print(f"{len(launches)} launches recorded from {sum(1 for op in ops for _ in SCENARIOS[op]())} "
+    print(f"{len(launches)} launches recorded from {sum(1 for op in ops for _ in scenarios(op))} "
           f"scenarios -> {len(all_jobs)} (launch, config) pairs, {len(_JOBS)} distinct compiles "
           f"for sm_90 ({a.jobs} workers)", flush=True)
 
@@ -539,7 +510,8 @@ def _main(a, ops) -> int:
                                   stack=r["stack"], shared=r["shared"], threads=r["threads"],
                                   pruned_everywhere=job.pruned, grid=job.grid, error=err,
                                   scenarios=[job.scenario], seconds=r["seconds"],
-                                  trace=r.get("trace", ""))
+                                  trace=r.get("trace", ""), loop_instrs=r["loop_instrs"],
+                                  loop=r["loop"], unit=r["unit"], per_unit=r["per_unit"])
         else:
             row["scenarios"].append(job.scenario)
             row["pruned_everywhere"] = row["pruned_everywhere"] and job.pruned
@@ -548,7 +520,7 @@ def _main(a, ops) -> int:
             if status != "ok" and row["status"] == "ok":
                 row["status"], row["error"] = status, err
     hdr = (f"{'case (first scenario, +more)':<50}{'kernel':<37}{'config':<56}{'status':<7}{'regs':>5}"
-           f"{'spill':>7}{'stack':>6}{'smem':>8} {'max grid':<16} note")
+           f"{'spill':>7}{'stack':>6}{'smem':>8}{'hot':>6}{'/unit':>9} {'max grid':<16} note")
     print(hdr)
     print("-" * len(hdr))
     for row in rows.values():
@@ -567,7 +539,8 @@ def _main(a, ops) -> int:
         more = len(set(row["scenarios"])) - 1
         case = (case[:44] + (f" +{more}" if more else ""))[:49]
         print(f"{case:<50}{row['kernel'][:36]:<37}{row['config'][:55]:<56}{st:<7}"
-              f"{_n(row['regs']):>5}{_n(spill):>7}{_n(row['stack']):>6}{_n(row['shared']):>8} {grid:<16} {note}")
+              f"{_n(row['regs']):>5}{_n(spill):>7}{_n(row['stack']):>6}{_n(row['shared']):>8}"
+              f"{_n(row['loop_instrs']):>6}{_n(row['per_unit']):>9} {grid:<16} {note}")
         if a.verbose and row["trace"]:
             print(row["trace"])
     for op, name, err in scenario_errors:
@@ -588,12 +561,186 @@ def _main(a, ops) -> int:
         with open(a.csv, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["op", "kernel", "config", "status", "regs", "spill_stores", "spill_loads",
-                        "stack", "shared", "threads", "max_grid", "pruned_everywhere", "error", "scenarios"])
+                        "stack", "shared", "threads", "max_grid", "pruned_everywhere", "error",
+                        "hot_loop", "hot_loop_instrs", "unit", "instrs_per_unit", "scenarios"])
             for row in rows.values():
                 w.writerow([row["op"], row["kernel"], row["config"], row["status"], row["regs"],
                             row["spill_st"], row["spill_ld"], row["stack"], row["shared"], row["threads"],
-                            row["grid"], row["pruned_everywhere"], row["error"], " | ".join(row["scenarios"])])
-    return 1 if failures else 0
+                            row["grid"], row["pruned_everywhere"], row["error"], row["loop"],
+                            row["loop_instrs"], row["unit"], row["per_unit"], " | ".join(row["scenarios"])])
+
+    # 5. the static regression gate: spills and hot-loop instructions per unit vs the baseline
+    current = static_records(rows.values())
+    gate_failures = static_gate(a, ops, current)
+    return 1 if failures or gate_failures else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The static regression gate (no GPU): bench/baselines/sm90_static.json
+# ----------------------------------------------------------------------------------------------
+
+BASELINE = os.path.join(_ROOT, "bench", "baselines", "sm90_static.json")
+TOLERANCE = 0.10            # more hot-loop instructions per unit of work than this fails
+H200_SMS, H200_CLOCK_HZ, ISSUE_PER_SM = 132, 1.98e9, 4   # 4 schedulers x 1 warp-instruction/clock
+
+
+def record_key(row: dict) -> str:
+    """A stable name for one compiled variant: kernel, config, first scenario."""
+    return f"{row['kernel']} | {row['config']} | {row['scenarios'][0]}"
+
+
+def static_records(rows) -> dict:
+    """key -> the figures the gate compares (and BENCHMARKS.md shows)."""
+    out = {}
+    for row in rows:
+        if row["status"] != "ok":
+            continue
+        out[record_key(row)] = dict(
+            op=row["op"], kernel=row["kernel"], regs=row["regs"],
+            spill=(row["spill_st"] or 0) + (row["spill_ld"] or 0), smem=row["shared"],
+            loop=row["loop"], loop_instrs=row["loop_instrs"], unit=row["unit"],
+            per_unit=row["per_unit"], pruned=row["pruned_everywhere"])
+    return out
+
+
+def compare(baseline: dict, current: dict, tol: float = TOLERANCE,
+            instructions: bool = True) -> tuple[list[str], list[str]]:
+    """(failures, notes) of `current` against `baseline` (both key -> record). A failure: a
+    variant that spills where its baseline did not (or a new variant that spills), or more than
+    `tol` more hot-loop instructions per unit of work than its baseline."""
+    failures, notes = [], []
+    for key, cur in current.items():
+        base = baseline.get(key)
+        if base is None:
+            if cur["spill"]:
+                failures.append(f"{key}: spills {cur['spill']} B (new, not in the baseline)")
+            else:
+                notes.append(f"{key}: new (not in the baseline)")
+            continue
+        if cur["spill"] and not base.get("spill"):
+            failures.append(f"{key}: spills {cur['spill']} B (baseline: no spill)")
+        b, c = base.get("per_unit"), cur.get("per_unit")
+        if instructions and b and c:
+            if c > b * (1 + tol):
+                failures.append(f"{key}: hot loop {c:g} instructions per {cur['unit']} > baseline "
+                                f"{b:g} + {tol:.0%}")
+            elif c < b * (1 - tol):
+                notes.append(f"{key}: hot loop {c:g} instructions per {cur['unit']} (baseline {b:g}):"
+                             f" faster, update the baseline")
+    return failures, notes
+
+
+def load_baseline(path: str) -> dict | None:
+    import json
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_baseline(path: str, current: dict, reason: str, old: dict | None, ops) -> None:
+    import datetime
+    import json
+    records = dict((old or {}).get("records", {}))
+    records = {k: v for k, v in records.items() if v["op"] not in ops}   # the ops checked: replaced
+    records.update(current)
+    data = dict(target="sm_90 (ptxas and nvdisasm of the Triton wheel)", triton=triton.__version__,
+                updated=datetime.date.today().isoformat(), reason=reason,
+                tolerance=TOLERANCE, records=dict(sorted(records.items())))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+
+
+def static_gate(a, ops, current: dict) -> int:
+    """Compare with (or update) the baseline, print the result and the floor table; returns the
+    number of failures."""
+    base = load_baseline(a.baseline)
+    if a.markdown:
+        with open(a.markdown, "w") as f:
+            f.write(floor_table(current))
+    if a.benchmarks_md:
+        from bench.report import write_section
+        write_section(a.benchmarks_md, "static-gate", floor_table(current))
+    if a.update_baseline:
+        if not a.reason:
+            print("static gate: --update-baseline needs --reason (it is stored with the baseline)")
+            return 1
+        write_baseline(a.baseline, current, a.reason, base, ops)
+        print(f"static gate: baseline {os.path.relpath(a.baseline, _ROOT)} updated "
+              f"({len(current)} variants): {a.reason}")
+        return 0
+    if base is None:
+        print(f"static gate: no baseline at {a.baseline} (write one with --update-baseline --reason ...)")
+        return 1
+    same_tools = base.get("triton") == triton.__version__
+    failures, notes = compare(base["records"], current, base.get("tolerance", TOLERANCE), same_tools)
+    if not same_tools:
+        notes.append(f"baseline from triton {base.get('triton')}, this is {triton.__version__}: "
+                     f"instruction counts not compared (spills are)")
+    for line in notes if a.verbose else [n for n in notes if "faster" in n or "triton" in n]:
+        print(f"  note: {line}")
+    for line in failures:
+        print(f"  STATIC GATE: {line}")
+    print(f"static gate: {len(current)} variants against the baseline: {len(failures)} regressions "
+          f"(a new spill, or > {TOLERANCE:.0%} more hot-loop instructions per unit of work); "
+          f"intended? rerun with --update-baseline --reason '...' and commit "
+          f"{os.path.relpath(a.baseline, _ROOT)}" if failures else
+          f"static gate: {len(current)} variants against the baseline: no new spill, no hot loop "
+          f"more than {TOLERANCE:.0%} longer per unit of work")
+    return len(failures)
+
+
+def implied_ms(units: float, per_unit: float) -> float:
+    """Issue-bound time at the H200's SM count and boost clock: units x per_unit thread
+    instructions = /32 warp instructions over 132 SMs x 4 schedulers x 1.98 GHz. A FLOOR
+    ESTIMATE (no latency, no memory, one instruction per scheduler per clock), not a measurement."""
+    return units * per_unit / 32 / (H200_SMS * ISSUE_PER_SM * H200_CLOCK_HZ) * 1e3
+
+
+def floor_table(current: dict) -> str:
+    """Markdown: per kernel, the leanest non-spilling config's hot loop; for the ops with targets,
+    the implied H200 issue floor at the anchor size next to the target."""
+    from kernels.ops import OPS
+    best: dict[str, dict] = {}
+    worst: dict[str, dict] = {}
+    for key, r in current.items():
+        k = r["kernel"]
+        if r["per_unit"] is None:
+            continue
+        if not r["spill"] and not r["pruned"] and (k not in best or r["per_unit"] < best[k]["per_unit"]):
+            best[k] = dict(r, key=key)
+        if k not in worst or r["per_unit"] > worst[k]["per_unit"]:
+            worst[k] = r
+    lines = ["| kernel | variants | regs (max) | spilling variants | smem max (B) | hot loop | "
+             "instructions per unit, leanest config (all configs) | leanest config |",
+             "|---|---|---|---|---|---|---|---|"]
+    for k in sorted({r["kernel"] for r in current.values()}):
+        rs = [r for r in current.values() if r["kernel"] == k]
+        b = best.get(k)
+        per = "-" if b is None else f"{b['per_unit']:g} per {b['unit']} ({b['per_unit']:g}..{worst[k]['per_unit']:g})"
+        cfg = "-" if b is None else b["key"].split(" | ")[1]
+        lines.append(f"| `{k}` | {len(rs)} | {max(r['regs'] or 0 for r in rs)} | "
+                     f"{sum(1 for r in rs if r['spill'])} | {max(r['smem'] or 0 for r in rs)} | "
+                     f"{b['loop'] if b else '-'} | {per} | {cfg} |")
+    lines += ["", "Implied time at the H200 (132 SMs, 1.98 GHz, 4 warp instructions per SM per clock): "
+              "**a floor estimate from instruction counts, not a measurement** (it ignores latency, "
+              "memory and the slower MUFU pipe).", "",
+              "| op | direction | size | kernels | implied floor (ms) | target (ms) | anchor (ms, H100) |",
+              "|---|---|---|---|---|---|---|"]
+    for spec in OPS.values():
+        for (direction, shape_name), target in spec.targets.items():
+            shape = spec.bench[shape_name]
+            units = shape["B"] * shape["N"] * shape["L"]
+            names = [f"_{spec.name}_fwd_kernel"] + ([f"_{spec.name}_bwd_kernel"] if direction == "fwdbwd" else [])
+            if not all(n in best for n in names):
+                continue
+            ms = sum(implied_ms(units, best[n]["per_unit"]) for n in names)
+            lines.append(f"| {spec.name} | {direction} | {shape_name} (N={shape['N']}) | "
+                         f"{' + '.join(f'`{n}`' for n in names)} | {ms:.3f} | {target} | "
+                         f"{spec.anchors.get((direction, shape_name), '-')} |")
+    return "\n".join(lines) + "\n"
 
 
 def _n(x):

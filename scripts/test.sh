@@ -35,7 +35,8 @@ else
   TRITON_INTERPRET=1 "$PY" -m kernels.selftest
   echo "== every kernel and autotune config compiles for the H100 (sm_90, no GPU needed)"
   aot_log=$(mktemp)
-  if "$PY" scripts/aot_check.py > "$aot_log" 2>&1; then tail -n 1 "$aot_log"; else cat "$aot_log"; exit 1; fi
+  # + the static gate: no new spill, hot loops <= 10% longer than bench/baselines/sm90_static.json
+  if "$PY" scripts/aot_check.py > "$aot_log" 2>&1; then tail -n 2 "$aot_log"; else cat "$aot_log"; exit 1; fi
 fi
 echo "== benchmarks (skip without a GPU)"
 run_pytest -q bench --benchmark-only -p no:cacheprovider

@@ -1,5 +1,5 @@
 """The benchmark tooling, on CPU: the regression gate (bench/compare.py), the BENCHMARKS.md
-generator (scripts/make_benchmarks.py) and the generation benchmark's step-API helper.
+generator (bench/report.py).
 
 Every case starts from tests/data/bench_baseline_sample.json (a hand-written pytest-benchmark
 file with invented numbers) and doctors a copy of it.
@@ -227,10 +227,10 @@ def test_command_line_exit_status(tmp_path, sample):
 
 
 # --------------------------------------------------------------------------------------------
-# scripts/make_benchmarks.py
+# bench/report.py
 # --------------------------------------------------------------------------------------------
 def _make_benchmarks():
-    spec = importlib.util.spec_from_file_location("make_benchmarks", ROOT / "scripts" / "make_benchmarks.py")
+    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "bench" / "report.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -270,19 +270,14 @@ def test_make_benchmarks_rejects_an_empty_run(tmp_path, sample):
     assert not (tmp_path / "B.md").exists()
 
 
-# --------------------------------------------------------------------------------------------
-# bench/test_generation.py: the step-API helper
-# --------------------------------------------------------------------------------------------
-def test_step_helper_passes_t_only_when_accepted():
-    from bench.test_generation import _step
-
-    class Old:
-        def step(self, token, state):
-            return ("old", token, state)
-
-    class New:
-        def step(self, token, state, t):
-            return ("new", token, state, t)
-
-    assert _step(Old(), 1, 2, 7) == ("old", 1, 2)
-    assert _step(New(), 1, 2, 7) == ("new", 1, 2, 7)
+def test_report_writes_only_between_its_markers(tmp_path, sample):
+    mb = _make_benchmarks()
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text("# Benchmarks\n\nhand-written intro\n\n<!-- bench.report:begin -->\nold\n"
+                   "<!-- bench.report:end -->\n\n## Hand-written tail\n")
+    assert mb.main([str(SAMPLE), "--out", str(out), "--no-plots"]) == 0
+    text = out.read_text()
+    assert text.startswith("# Benchmarks\n\nhand-written intro\n")
+    assert text.rstrip().endswith("## Hand-written tail") and "\nold\n" not in text
+    assert "| cauchy | fwd |" in text
+    assert mb.replace_section("a", "x", "b") == "a\n\n<!-- x:begin -->\nb\n<!-- x:end -->\n"

@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from kernels import reference
-from kernels.cauchy import cauchy, s4_like_inputs
+from kernels.cauchy import cauchy
+from kernels.ops import s4_like_inputs
 from conftest import assert_rel_close, rel_error
 from strategies import batch_shapes, dims, seeds
 

@@ -48,15 +48,10 @@ def dplr_system(H, N, r, seed, q_equals_p=False):
 
 
 def step_factors(sys_):
-    """The per-(H, N) factors of kernels.reference.dplr_step's docstring (complex128)."""
-    dt, lam, P, Q = sys_["dt"], sys_["lam"], sys_["P"], sys_["Q"]
-    r = P.shape[0]
-    E = 1 / (2 / dt - lam)
-    G = 2 * (Q.conj().unsqueeze(1) * (E * P).unsqueeze(0)).sum(-1).real  # (j, k, H)
-    M = torch.linalg.inv(torch.eye(r, dtype=F64) + G.permute(2, 0, 1))   # (H, r, r)
-    W = torch.einsum("hkj,jhn->khn", M.to(C128), Q)                      # W[k] = sum_j M[k, j] Q[j]
-    return dict(dA=E * (2 / dt + lam), dB=2 * E * sys_["B"], C=sys_["C"], D=sys_["D"],
-                P=E * P, Q=Q, W=W)
+    """The per-(H, N) factors of kernels.reference.dplr_step's docstring (complex128), by
+    kernels.reference.dplr_step_factors (the derivation the model's setup_step uses too)."""
+    f = reference.dplr_step_factors(sys_["dt"], sys_["lam"], sys_["B"], sys_["P"], sys_["Q"])
+    return dict(f, C=sys_["C"], D=sys_["D"])
 
 
 def make_dplr(B, H, N, r, seed, device, steps=1, u_dtype=torch.float32, q_equals_p=False):

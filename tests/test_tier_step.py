@@ -22,6 +22,7 @@ from kernels._utils import interpreting
 from kernels.tier_step import COMPLEX_KEYS, tier_step_fwd
 from conftest import assert_rel_close
 from strategies import dims, seeds
+from kernels.ops import tier_weights
 from test_dplr_step import dplr_system, step_factors
 
 TOL = 1e-5  # fp32 kernel vs complex128 / float64 reference, relative to the largest |value|
@@ -35,10 +36,8 @@ def diag_factors(H, N, g):
     """S4D-Lin-like ZOH step constants (complex128): dA = exp(dt (-1/2 + i pi n)), dt in [0.01, 0.1]."""
     dt = 0.01 + 0.09 * torch.rand(H, 1, generator=g, dtype=F64)
     lam = torch.complex(-0.5 * torch.ones(N, dtype=F64), math.pi * torch.arange(N, dtype=F64))
-    dA = torch.exp(dt * lam)
-    Bc = torch.randn(H, N, generator=g, dtype=C128)
-    return dict(dA=dA, dB=(dA - 1) / lam * Bc, C=torch.randn(H, N, generator=g, dtype=C128),
-                D=torch.randn(H, generator=g, dtype=F64))
+    f = reference.diag_step_factors(dt, lam, torch.randn(H, N, generator=g, dtype=C128))
+    return dict(f, C=torch.randn(H, N, generator=g, dtype=C128), D=torch.randn(H, generator=g, dtype=F64))
 
 
 def make_tier(B, H, N, n, ssm, r, F_, seed, device, steps=1, q_equals_p=False):
@@ -55,15 +54,7 @@ def make_tier(B, H, N, n, ssm, r, F_, seed, device, steps=1, q_equals_p=False):
     keys = ("dA", "dB", "C", "D") + (("P", "Q", "W") if ssm == "dplr" else ())
     p = {k: torch.stack([f[k] for f in layers]) for k in keys}
 
-    def rnd(*shape, scale=1.0, shift=0.0):
-        return shift + scale * torch.randn(*shape, generator=g, dtype=F64)
-
-    p.update(s4_norm_w=rnd(n, H, scale=0.2, shift=1.0), s4_norm_b=rnd(n, H, scale=0.2),
-             s4_out_w=rnd(n, 2 * H, H, scale=H ** -0.5), s4_out_b=rnd(n, 2 * H, scale=0.2))
-    if F_:
-        p.update(ff_norm_w=rnd(n, H, scale=0.2, shift=1.0), ff_norm_b=rnd(n, H, scale=0.2),
-                 ff_w1=rnd(n, F_, H, scale=H ** -0.5), ff_b1=rnd(n, F_, scale=0.2),
-                 ff_w2=rnd(n, H, F_, scale=F_ ** -0.5), ff_b2=rnd(n, H, scale=0.2))
+    p.update(tier_weights(n, H, F_, generator=g, scale=0.2))
     p = {k: (v.to(torch.complex64) if v.is_complex() else v.float()).contiguous().to(device)
          for k, v in p.items()}
     state = torch.randn(n, B, H, N, generator=g, dtype=C128).to(torch.complex64).to(device)
@@ -305,14 +296,10 @@ def model_tier_case(ssm, ff, device, seed=0):
         for m in tier:
             m.norm.weight.add_(0.2 * torch.randn(6, generator=g))
             m.norm.bias.add_(0.2 * torch.randn(6, generator=g))
-    for m in tier:
-        if hasattr(m.layer, "setup_step"):
-            m.layer.setup_step()
     tier = tier.to(device)
     for m in tier:
-        if hasattr(m.layer, "_step") and m.layer._step is not None:
-            m.layer._step = {k: (v.to(device) if torch.is_tensor(v) else v)
-                             for k, v in m.layer._step.items()}
+        if hasattr(m.layer, "setup_step"):
+            m.layer.setup_step()  # after .to(device): the step factors are built on the device
     xs = torch.randn(5, 3, 6, generator=g).to(device)
     return tier, xs
 

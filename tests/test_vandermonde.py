@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from strategies import batch_shapes, dims, seeds
 
 from kernels import reference
-from kernels.vandermonde import make_s4d_inputs, vandermonde
+from kernels.ops import make_s4d_inputs
+from kernels.vandermonde import vandermonde
 
 vmod = sys.modules["kernels.vandermonde"]  # `kernels.vandermonde` the attribute is the function
 

@@ -158,7 +158,8 @@ def render_summary(d: dict) -> str:
     dev = d.get("device") or {}
     ver = d.get("versions") or {}
     lines = [f"bench.gpu_check{' --dry-run (CPU rehearsal: no figure here is a GPU measurement)' if d.get('dry_run') else ''}",
-             f"device: {dev.get('name', '?')} ({dev.get('sms', '?')} SMs, {_f(dev.get('memory_gib'), '{:.0f}')} GiB), "
+             f"device: {dev.get('name', '?')} ({dev.get('sms') or '-'} SMs, {_f(dev.get('memory_gib'), '{:.0f}')} GiB, "
+             f"capability {dev.get('capability') or '-'}), "
              f"torch {ver.get('torch', '?')}, triton {ver.get('triton', '?')}, python {ver.get('python', '?')}, "
              f"started {d.get('started_utc', '?')}, git {d.get('git_sha', '?')}",
              ANCHOR_NOTE, ""]

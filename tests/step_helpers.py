@@ -1,7 +1,9 @@
 """What the recurrent-step tests (ssm_step, dplr_step) share: constants on the device, the
-complex128 reference run on a copy, the Triton run, and the in-place check."""
+complex128 reference run on a copy, the Triton run, the in-place check, the CUDA-graph replay
+and the inference-only check."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import assert_rel_close
@@ -43,3 +45,30 @@ def check_in_place(op, ref_op, state, us, consts, tol=TOL):
     assert ys.dtype == torch.float32 and ys.shape == (steps, B, H)
     assert_rel_close(ys, ys_ref, tol, "y")
     assert_rel_close(state, state_ref, tol, "state")
+
+
+def check_cuda_graph(op, ref_op, state, us, consts, tol=TOL):
+    """One step captured in a CUDA graph (after the autotuning warm-up), replayed len(us) times:
+    y of every replay and the final state against the reference."""
+    ys_ref, state_ref = reference_steps(ref_op, state, us, consts)
+    op(state.clone(), us[0], **consts)  # autotune outside the capture
+    u_static = us[0].clone()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_static = op(state, u_static, **consts)
+    ys = []
+    for u in us:
+        u_static.copy_(u)
+        graph.replay()
+        ys.append(y_static.clone())
+    assert_rel_close(torch.stack(ys), ys_ref, tol, "y")
+    assert_rel_close(state, state_ref, tol, "state")
+
+
+def check_requires_grad_raises(op, state, u, consts, name):
+    """With grad mode on, the input `name` requiring grad is an error (inference only)."""
+    args = dict(state=state, u=u, **consts)
+    args[name] = args[name].clone().requires_grad_(True)
+    with pytest.raises(ValueError, match="inference only"):
+        op(**args, backend="reference")

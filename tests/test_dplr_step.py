@@ -342,11 +342,7 @@ def test_dplr_step_errors(mutate, match):
 
 @pytest.mark.parametrize("name", ["state", "u", "dA", "dB", "C", "D", "P", "Q", "W"])
 def test_dplr_step_requires_grad_raises(name):
-    state, u, c = _errors_case()
-    args = dict(state=state, u=u, **c)
-    args[name] = args[name].clone().requires_grad_(True)
-    with pytest.raises(ValueError, match="inference only"):
-        kernels.dplr_step(**args, backend="reference")
+    step_helpers.check_requires_grad_raises(kernels.dplr_step, *_errors_case(), name)
 
 
 # ------------------------------------------------------------------------------------------
@@ -370,20 +366,5 @@ def test_dplr_step_gpu_long_run():
 @pytest.mark.gpu
 def test_dplr_step_gpu_cuda_graph():
     """One step captured in a CUDA graph (after the autotuning warm-up), replayed 10 times."""
-    dev = torch.device("cuda")
-    B, H, N, S = 4, 256, 32, 10
-    state, us, c = make_dplr(B, H, N, 1, 9, dev, steps=S, q_equals_p=True)
-    ys_ref, state_ref = reference_steps(state, us, c)
-    kernels.dplr_step(state.clone(), us[0], **c)  # autotune outside the capture
-    u_static = us[0].clone()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y_static = kernels.dplr_step(state, u_static, **c)
-    ys = []
-    for t in range(S):
-        u_static.copy_(us[t])
-        graph.replay()
-        ys.append(y_static.clone())
-    assert_rel_close(torch.stack(ys), ys_ref, TOL, "y")
-    assert_rel_close(state, state_ref, TOL, "state")
+    state, us, c = make_dplr(4, 256, 32, 1, 9, torch.device("cuda"), steps=10, q_equals_p=True)
+    step_helpers.check_cuda_graph(kernels.dplr_step, reference.dplr_step, state, us, c)

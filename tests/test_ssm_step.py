@@ -297,11 +297,7 @@ def test_ssm_step_bad_backend():
 
 @pytest.mark.parametrize("name", ["state", "u", "dA", "dB", "C", "D"])
 def test_ssm_step_requires_grad_raises(name):
-    state, u, c = _errors_case()
-    args = dict(state=state, u=u, **c)
-    args[name] = args[name].clone().requires_grad_(True)
-    with pytest.raises(ValueError, match="inference only"):
-        kernels.ssm_step(**args, backend="reference")
+    step_helpers.check_requires_grad_raises(kernels.ssm_step, *_errors_case(), name)
 
 
 # ------------------------------------------------------------------------------------------
@@ -318,21 +314,5 @@ def test_ssm_step_gpu_paper_sizes(B):
 @pytest.mark.gpu
 def test_ssm_step_gpu_cuda_graph():
     """One step captured in a CUDA graph (after the autotuning warm-up), replayed 10 times."""
-    dev = torch.device("cuda")
-    B, H, N, S = 4, 256, 32, 10
-    state, us, consts = make_ssm(B, H, N, 9, dev, steps=S)
-    ys_ref, state_ref = reference_steps(state, us, consts)
-    warm = state.clone()
-    kernels.ssm_step(warm, us[0], **consts)  # autotune outside the capture
-    u_static = us[0].clone()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y_static = kernels.ssm_step(state, u_static, **consts)
-    ys = []
-    for t in range(S):
-        u_static.copy_(us[t])
-        graph.replay()
-        ys.append(y_static.clone())
-    assert_rel_close(torch.stack(ys), ys_ref, TOL, "y")
-    assert_rel_close(state, state_ref, TOL, "state")
+    state, us, consts = make_ssm(4, 256, 32, 9, torch.device("cuda"), steps=10)
+    step_helpers.check_cuda_graph(kernels.ssm_step, reference.ssm_step, state, us, consts)

@@ -112,7 +112,8 @@ def _graphs_runner(model: SaShiMi, batch: int):
     loglik = torch.zeros(batch, dtype=torch.float64, device=device)
     sampler = StepSampler(model, model.default_state(batch), tokens, loglik, 0,
                           generator=torch.Generator(device=device).manual_seed(0))
-    graphs = capture_step_graphs(sampler)
+    with torch.no_grad():        # tier_step is inference-only: capture outside autograd
+        graphs = capture_step_graphs(sampler)
     carry = dict(t=0)
 
     def loop():

@@ -337,11 +337,15 @@ def compile_job(job: Job) -> dict:
     try:
         options, signature, constexprs, attrs = _specialise(job)
         buf = io.StringIO()
+        saved = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
         knobs.nvidia.dump_ptxas_log = True
         knobs.compilation.always_compile = True   # a cache hit would skip ptxas and its report
-        with contextlib.redirect_stdout(buf):
-            k = triton.compile(ASTSource(job.jit, signature, constexprs, attrs), target=TARGET,
-                               options=options.__dict__)
+        try:
+            with contextlib.redirect_stdout(buf):
+                k = triton.compile(ASTSource(job.jit, signature, constexprs, attrs), target=TARGET,
+                                   options=options.__dict__)
+        finally:  # (restored: tests/test_static_gate.py compiles in a pytest process)
+            knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = saved
         log = buf.getvalue()
         md = k.metadata
         res.update(hot_loop_metrics(disassemble(k.asm["cubin"]), job.kernel, job.call_kwargs))

@@ -76,6 +76,8 @@ def test_planted_instruction_in_the_hot_loop_fails(tmp_path, monkeypatch):
     failures, _ = aot.compare(base, planted)
     assert len(failures) == 1 and "hot loop" in failures[0]
     assert aot.compare(base, base) == ([], [])
+    from triton import knobs   # the compile check's knobs do not leak into this process
+    assert not knobs.compilation.always_compile and not knobs.nvidia.dump_ptxas_log
 
 
 def test_planted_spill_fails(tmp_path, monkeypatch):

@@ -141,9 +141,16 @@ def compare(baseline: dict, run: dict, threshold: float = DEFAULT_THRESHOLD,
             min_delta_ms: float = 0.0, exclude: tuple[str, ...] = ()) -> list[Row]:
     """One row per benchmark of either file, in the baseline's order, then the new ones.
 
-    SLOWER: run median > (1 + threshold) x baseline median, and slower by more than min_delta_ms.
+    SLOWER: run median > (1 + threshold) x baseline median, and slower by more than min_delta_ms:
+    pytest-benchmark's own checks (--benchmark-compare-fail=median:<threshold>% and
+    median:<min_delta>), applied to the do_bench medians of two saved runs (pytest-benchmark
+    compares only during a run, and only its own wall-clock stats).
     faster: run median < (1 - threshold) x baseline median (informational: refresh the baseline).
     """
+    from pytest_benchmark.utils import DifferenceRegressionCheck, PercentageRegressionCheck
+
+    slower = PercentageRegressionCheck("median", threshold * 100)
+    by_more = DifferenceRegressionCheck("median", min_delta_ms)
     base, new = _index(baseline, "baseline"), _index(run, "run")
     if exclude:
         keep = lambda key: not any(x in key for x in exclude)  # noqa: E731
@@ -160,7 +167,8 @@ def compare(baseline: dict, run: dict, threshold: float = DEFAULT_THRESHOLD,
             rows.append(Row(key, b_ms, r_ms, NEW if b_ms is None else MISSING))
             continue
         ratio = r_ms / b_ms
-        if ratio > 1.0 + threshold and r_ms - b_ms > min_delta_ms:
+        now, then = {"median": r_ms}, {"median": b_ms}
+        if slower.fails(now, then) and by_more.fails(now, then):
             verdict = SLOWER
         elif ratio < 1.0 - threshold:
             verdict = FASTER

@@ -655,7 +655,7 @@ class AudioCrops(torch.utils.data.Dataset):
 
 # ------------------------------------------------------------------------------- batching
 
-class StepSampler(torch.utils.data.Sampler):
+class StepIndexSampler(torch.utils.data.Sampler):
     """Infinite: from step `start_step` on, the indices of each step's batch on `rank`."""
 
     def __init__(self, batch_size: int, start_step: int = 0, rank: int = 0, world_size: int = 1):
@@ -684,7 +684,7 @@ def train_batches(dataset, *, batch_size: int, start_step: int = 0, rank: int = 
                          f"rank={rank}, world_size={world_size}, num_workers={num_workers}")
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size,
-        sampler=StepSampler(batch_size, start_step, rank, world_size),
+        sampler=StepIndexSampler(batch_size, start_step, rank, world_size),
         num_workers=num_workers,
         pin_memory=bool(pin_memory and torch.cuda.is_available()),
         persistent_workers=num_workers > 0,

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kernels._utils import nvtx_range
+from kernels.profiling import nvtx_range
 from kernels.reference import check_tokens
 from sashimi import checkpoint
 from sashimi.cli import UserError, check_out_dir, machine_memory, resolve_device, run_cli
@@ -585,7 +585,10 @@ def _run_locked(args, device, distributed, rank, world, main, out: Path) -> int:
     batches = train_batches(train_set, batch_size=train_cfg.batch_size, start_step=start_step, rank=rank,
                             world_size=world, num_workers=workers,
                             pin_memory=device.type == "cuda")
-    val_data = valid_batches(valid_set, batch_size=train_cfg.batch_size)
+    # validation needs no gradients: batches of up to 64k tokens (at least the training batch),
+    # so that 256 crops are a few forward passes (each pass also builds every S4 kernel)
+    val_batch = max(train_cfg.batch_size, min(64, 65536 // model_cfg.l_max))
+    val_data = valid_batches(valid_set, batch_size=val_batch)
     # shard validation crops across ranks (the sums are all-reduced)
     has_val = len(val_data) > 0  # the same on every rank (validate() all-reduces)
     val_data = val_data[rank::world] if distributed else val_data

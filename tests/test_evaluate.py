@@ -82,7 +82,8 @@ def ckpt(tmp_path_factory):
     from sashimi.train import main as train_main
     out = tmp_path_factory.mktemp("ev") / "run"
     rc = train_main(["--stereo", "--steps", "2", "--seq-len", "64", "--batch-size", "2", "--num-workers", "0",
-                     "--out", str(out), "--device", "cpu", "--sample-rate", "8000", "--val-every", "100"])
+                     "--out", str(out), "--device", "cpu", "--sample-rate", "8000", "--val-every", "100",
+                     "--val-crops", "4"])
     assert rc == 0
     return out / "checkpoint.pt"
 

@@ -368,9 +368,13 @@ def run(args) -> int:
                   f"continuous {summary['last_second_bits']:.3f} vs fresh windows "
                   f"{summary['last_second_windows_bits']:.3f} (gap {summary['last_second_gap']:+.3f})")
         write_csv(out / "nll_by_position.csv", summary["by_position_fine"])
-        plot(out / "nll_by_position.png", summary, cfg.channels,
-             f"{Path(args.checkpoint).name}: {args.data} ({summary['excerpts']} excerpts)")
-        print(f"wrote {out / 'nll_by_position.csv'}, {out / 'nll_by_position.png'}")
+        try:
+            plot(out / "nll_by_position.png", summary, cfg.channels,
+                 f"{Path(args.checkpoint).name}: {args.data} ({summary['excerpts']} excerpts)")
+            print(f"wrote {out / 'nll_by_position.csv'}, {out / 'nll_by_position.png'}")
+        except ImportError:   # matplotlib comes with the [dev] extra (scripts/setup.sh installs it)
+            print(f"wrote {out / 'nll_by_position.csv'}; no PNG: matplotlib is not installed "
+                  f"(pip install matplotlib)", file=sys.stderr)
     with open(out / "summary.json", "w") as f:
         json.dump(summary, f, indent=1)
     print(f"wrote {out / 'summary.json'}")

@@ -49,26 +49,9 @@ SYNTHETIC_SEED = 7_000_003   # the evaluation clips of `--data synthetic` (train
 def load_for_eval(path, device: torch.device) -> SaShiMi:
     """The checkpoint's model, on `device`, in eval mode; UserError (one line) if unusable."""
     try:
-        payload = checkpoint.load(path)
+        return checkpoint.load_model(path, device)[0]
     except checkpoint.CheckpointError as exc:
         raise UserError(str(exc)) from None
-    try:
-        cfg = ModelConfig.from_dict(payload["model_config"])
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise UserError(f"{path}: unusable model config: {exc}") from None
-    if not isinstance(payload.get("model"), dict):
-        raise UserError(f"{path}: holds no model weights")
-    try:
-        checkpoint.check_finite_weights(payload["model"], path)
-    except checkpoint.CheckpointError as exc:
-        raise UserError(str(exc)) from None
-    backend = "reference" if device.type == "cpu" else "auto"
-    model = SaShiMi(dataclasses.replace(cfg, kernel_backend=backend))
-    try:
-        model.load_state_dict(payload["model"])
-    except (RuntimeError, KeyError, TypeError) as exc:
-        raise UserError(f"{path}: weights do not fit the model config: {str(exc).splitlines()[0]}") from None
-    return model.to(device).eval()
 
 
 @dataclasses.dataclass
@@ -142,7 +125,7 @@ def score_continuous(model: SaShiMi, tokens: torch.Tensor, block: int = 128) -> 
     """NLL in bits of every token of `tokens` (B, T, C), scored as one sequence per row through
     the exact recurrence (prefill) after one frame of silence. Returns (B, T, C) float64."""
     B, T, C = tokens.shape
-    if any(m._step is None for m in model.modules() if isinstance(m, S4Layer)):
+    if any(m.step_factors() is None for m in model.modules() if isinstance(m, S4Layer)):
         model.setup_step()            # (evaluate() sets it up once; call again after weight changes)
     zero = Quantizer(model.cfg.quantization, model.cfg.bits).zero_token
     seq = torch.cat([torch.full((B, C), zero, dtype=torch.long, device=tokens.device),

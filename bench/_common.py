@@ -78,3 +78,43 @@ def capture_graph(fn, repeats: int, warmup: int = 3):
             fn()
     torch.cuda.synchronize()
     return graph
+
+
+def make_train_step(cfg_kw: dict, batch_size: int, seq_len: int, channels: int, precision: str,
+                    device, compile_backend: str | None = None, seed: int = 0, lr: float | None = None):
+    """One optimiser step as sashimi.train takes it (timed by bench/test_train_step.py and
+    bench.gpu_check): the loss under
+    bf16 autocast when asked, backward, clip 1.0, fused AdamW over S4's parameter groups,
+    zero_grad, the log_dt clamp; with compile_backend, the loss module under torch.compile as
+    `sashimi.train --compile` does. Returns (step, model, tokens per step)."""
+    from sashimi.model import ModelConfig, SaShiMi
+    from sashimi.train import LossOf, TrainConfig, param_groups
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    cfg = ModelConfig(**dict(cfg_kw, seq_len=seq_len, channels=channels))
+    model = SaShiMi(cfg).to(device).train()
+    tc = TrainConfig()
+    lr = tc.lr if lr is None else lr
+    optimizer = torch.optim.AdamW(param_groups(model, lr, tc.weight_decay), lr=lr,
+                                  fused=device.type == "cuda")
+    loss_of = LossOf(model)
+    if compile_backend:
+        loss_of = torch.compile(loss_of, backend=compile_backend)
+    g = torch.Generator().manual_seed(seed)
+    batch = torch.randint(0, cfg.levels, (batch_size, seq_len + 1, channels), generator=g).to(device)
+    clamped = [m for m in model.modules() if hasattr(m, "clamp_")]
+    bf16 = precision == "bf16"
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_of(batch).float().mean()
+        loss.backward()
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for m in clamped:
+            m.clamp_()
+        return loss.detach()
+
+    return step, model, batch_size * seq_len * channels

@@ -33,9 +33,9 @@ import gc
 import pytest
 import torch
 
+from bench import _common
 from bench._common import run
-from sashimi.model import PRESETS, ModelConfig, SaShiMi, count_parameters
-from sashimi.train import LossOf, TrainConfig, param_groups
+from sashimi.model import PRESETS, count_parameters
 
 OP = "train_step"
 # name -> (preset, B, L, C)
@@ -58,40 +58,11 @@ TARGET_PEAK_GIB = 6.0
 
 def make_train_step(preset: str, batch_size: int, seq_len: int, channels: int, precision: str,
                     kernel_backend: str, device, seed: int = 0, lr: float | None = None):
-    """Build the model, the optimiser and a batch; return (step, model, tokens_per_step).
-
-    step() runs one training step as sashimi.train does (see the module docstring) and returns
-    the loss tensor (no host sync)."""
-    device = torch.device(device)
+    """bench._common.make_train_step for a preset and a kernel backend: (step, model, tokens_per_step)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    torch.manual_seed(seed)
-    cfg = ModelConfig(**dict(PRESETS[preset], seq_len=seq_len, channels=channels,
-                             kernel_backend=kernel_backend))
-    model = SaShiMi(cfg).to(device).train()
-    train_cfg = TrainConfig()
-    lr = train_cfg.lr if lr is None else lr
-    optimizer = torch.optim.AdamW(param_groups(model, lr, train_cfg.weight_decay), lr=lr,
-                                  fused=device.type == "cuda")
-    loss_of = LossOf(model)
-    g = torch.Generator().manual_seed(seed)
-    batch = torch.randint(0, cfg.levels, (batch_size, seq_len + 1, channels), generator=g).to(device)
-    clamped = [m for m in model.modules() if hasattr(m, "clamp_")]
-    bf16 = precision == "bf16"
-
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = loss_of(batch).float().mean()
-        loss.backward()
-        if train_cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        for m in clamped:
-            m.clamp_()
-        return loss.detach()
-
-    return step, model, batch_size * seq_len * channels
+    return _common.make_train_step(dict(PRESETS[preset], kernel_backend=kernel_backend), batch_size, seq_len,
+                                   channels, precision, device, seed=seed, lr=lr)
 
 
 def _free_cuda() -> None:

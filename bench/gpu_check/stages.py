@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import os
 import platform
 import re
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from bench._common import make_train_step
 from bench.gpu_check import ids, record
 from bench.gpu_check.ids import GEN_BATCHES, KERNEL_SIZE, N_PAIRS, TRAIN_SHAPES
 
@@ -403,45 +403,6 @@ TRAIN_FIELDS = ("fullname", "op", "direction", "provider", "shape", "dtype", "pr
                 "compile_backend", "ms_p50", "ms_p20", "ms_p80", "ms_min", "ms_max", "samples", "first_call_s",
                 "tokens_per_step", "tokens_per_s", "ms_per_step", "peak_gib", "parameters",
                 "anchor_tokens_per_s", "anchor_peak_gib", "target_tokens_per_s", "target_peak_gib", "meets_target")
-
-
-def make_train_step(cfg_kw: dict, batch_size: int, seq_len: int, channels: int, precision: str,
-                    device, compile_backend: str | None = None, seed: int = 0):
-    """One optimiser step as sashimi.train takes it (and as bench/test_train_step.py's
-    make_train_step times it; tests/test_gpu_check.py checks the two agree): the loss under
-    bf16 autocast when asked, backward, clip 1.0, fused AdamW over S4's parameter groups,
-    zero_grad, the log_dt clamp; with compile_backend, the loss module under torch.compile as
-    `sashimi.train --compile` does. Returns (step, model, tokens per step)."""
-    from sashimi.model import ModelConfig, SaShiMi
-    from sashimi.train import LossOf, TrainConfig, param_groups
-    device = torch.device(device)
-    torch.manual_seed(seed)
-    cfg = ModelConfig(**dict(cfg_kw, seq_len=seq_len, channels=channels))
-    model = SaShiMi(cfg).to(device).train()
-    tc = TrainConfig()
-    optimizer = torch.optim.AdamW(param_groups(model, tc.lr, tc.weight_decay), lr=tc.lr,
-                                  fused=device.type == "cuda")
-    loss_of = LossOf(model)
-    if compile_backend:
-        loss_of = torch.compile(loss_of, backend=compile_backend)
-    g = torch.Generator().manual_seed(seed)
-    batch = torch.randint(0, cfg.levels, (batch_size, seq_len + 1, channels), generator=g).to(device)
-    clamped = [m for m in model.modules() if hasattr(m, "clamp_")]
-    bf16 = precision == "bf16"
-
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = loss_of(batch).float().mean()
-        loss.backward()
-        if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        for m in clamped:
-            m.clamp_()
-        return loss.detach()
-
-    return step, model, batch_size * seq_len * channels
 
 
 def _train_cfg(ctx: Ctx) -> tuple[str, dict]:

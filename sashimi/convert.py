@@ -55,8 +55,8 @@ def read_public(path: Path) -> dict[str, torch.Tensor]:
         if "GLOBAL" in str(exc):
             raise ConvertError(
                 f"refusing to load {path}: it holds Python objects besides tensors (a Lightning checkpoint's "
-                f"hyper-parameters, say), which could run code. In an environment you trust, save just its "
-                f"weights: torch.save(torch.load(p, weights_only=False)['state_dict'], 'weights.pt')") from None
+                f"hyper-parameters, say), which could run code. In an environment you trust, load it there "
+                f"and save just its weights: torch.save(ckpt['state_dict'], 'weights.pt')") from None
         raise ConvertError(f"cannot read {path}: damaged or not a torch file") from None
     except Exception as exc:
         raise ConvertError(f"cannot read {path}: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}") from None

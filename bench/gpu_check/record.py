@@ -150,6 +150,11 @@ def _big(x):
     return f"{x / 1e6:.2f} M" if x >= 1e6 else f"{x:,.0f}"
 
 
+def _not_ok(r: dict) -> str:
+    """The summary line of a figure that was not measured (skipped, failed, timed out)."""
+    return f"  {r.get('label', '?')}: {r.get('status')} {r.get('reason', '')}".rstrip()
+
+
 def _met(ok):
     return "" if ok is None else (" [meets target]" if ok else " [MISSES target]")
 
@@ -181,7 +186,7 @@ def render_summary(d: dict) -> str:
         lines.append("kernels (median ms, p20-p80; anchor = S4 CUDA ext on H100):")
         for r in h["kernels"].values():
             if r.get("status") != "ok":
-                lines.append(f"  {r.get('label', '?')}: {r.get('status')} {r.get('reason', '')}".rstrip())
+                lines.append(_not_ok(r))
                 continue
             lines.append(f"  {r['label']}: {_f(r.get('ms_p50'))} ({_f(r.get('ms_p20'))}-{_f(r.get('ms_p80'))})"
                          + (f", anchor {r['anchor_ms']:g}" if r.get("anchor_ms") else "")
@@ -192,7 +197,7 @@ def render_summary(d: dict) -> str:
         lines.append("training step (tokens/s, peak GiB; anchor 1.00 M tokens/s, 8.36 GiB on H100):")
         for r in train:
             if r.get("status") != "ok":
-                lines.append(f"  {r.get('label', '?')}: {r.get('status')} {r.get('reason', '')}".rstrip())
+                lines.append(_not_ok(r))
                 continue
             lines.append(f"  {r['label']}: {_big(r.get('tokens_per_s'))} tokens/s, {_f(r.get('peak_gib'), '{:.2f}')} GiB, "
                          f"{_f(r.get('ms_p50'))} ms/step ({_f(r.get('ms_p20'))}-{_f(r.get('ms_p80'))}), "
@@ -201,7 +206,7 @@ def render_summary(d: dict) -> str:
         lines.append("generation (steps/s per stream; samples/s over the batch):")
         for r in h["generation"].values():
             if r.get("status") != "ok":
-                lines.append(f"  {r.get('label', '?')}: {r.get('status')} {r.get('reason', '')}".rstrip())
+                lines.append(_not_ok(r))
                 continue
             lines.append(f"  {r['label']}: {_f(r.get('steps_per_s'), '{:,.0f}')} steps/s, "
                          f"{_f(r.get('samples_per_s'), '{:,.0f}')} samples/s, {_f(r.get('us_per_step'), '{:.1f}')} us/step"

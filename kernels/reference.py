@@ -74,6 +74,30 @@ def embed_interleave(tokens: torch.Tensor, weight: torch.Tensor, scale: float = 
     return (rows * scale).to(out_dtype)
 
 
+def embed_frames(tokens: torch.Tensor, weight: torch.Tensor, scale: float = 1.0,
+                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """out[b, l] = scale * sum_c weight[c, tokens[b, l, c]]: one position per frame (stereo `frames`).
+
+    tokens: integer (B, L, C); weight: (C, V, D), one table per channel. Returns (B, L, D) in
+    out_dtype (default weight.dtype). The rows are summed in channel order in the compute dtype
+    (fp32 for fp32/bf16 tables), then scaled and rounded once, as the kernel does; the backward
+    accumulates in that dtype and rounds once to weight.dtype.
+    """
+    if tokens.dim() != 3:
+        raise ValueError(f"embed_frames: tokens must be (B, L, C), got shape {tuple(tokens.shape)}")
+    if weight.dim() != 3 or weight.shape[0] != tokens.shape[-1]:
+        raise ValueError(f"embed_frames: weight must be (C, V, D) with C = {tokens.shape[-1]} tables, "
+                         f"got shape {tuple(weight.shape)}")
+    check_tokens(tokens, weight.shape[1], "embed_frames")
+    out_dtype = weight.dtype if out_dtype is None else out_dtype
+    w = weight.to(torch.promote_types(weight.dtype, torch.float32))
+    idx = tokens.long()   # uint8 would index as a boolean mask; int8/int16 do not index at all
+    rows = w[0][idx[..., 0]]
+    for c in range(1, tokens.shape[-1]):
+        rows = rows + w[c][idx[..., c]]
+    return (rows * scale).to(out_dtype)
+
+
 def ssm_step(state: torch.Tensor, u: torch.Tensor, dA: torch.Tensor, dB: torch.Tensor,
              C: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
     """One diagonal (S4D, ZOH) recurrent step, updating `state` in place.

@@ -109,22 +109,36 @@ def _distribution(model: SaShiMi, out: torch.Tensor) -> np.ndarray:
 
 
 class _Stepper:
-    """The recurrent model over a batch of chunks, one interleaved token per call, starting from
-    one frame of silence (as generation does). Both sides of the codec run exactly this."""
+    """The recurrent model over a batch of chunks, one token (in interleaved order) per call,
+    starting from one frame of silence (as generation does). Both sides of the codec run exactly
+    this. With the frames layout a backbone step runs once per frame (after its R token); an L
+    token gives R's distribution from the same backbone output (R | L)."""
 
     def __init__(self, model: SaShiMi, batch: int):
         self.model, self.C = model, model.cfg.channels
         self.zero = Quantizer(model.cfg.quantization, model.cfg.bits).zero_token
         model.setup_step()
         self.state = model.default_state(batch)
-        self.t = 0
+        self.t = 0                      # backbone steps run
+        self.frame: list[torch.Tensor] = []   # the current frame's tokens so far (frames layout)
+        self.h = None                   # the last backbone output (frames layout)
         self.out = None
         for _ in range(self.C):  # the silence frame; its last output predicts the first token
             self.feed(torch.full((batch,), self.zero, dtype=torch.long))
 
     def feed(self, tokens: torch.Tensor) -> None:
-        self.out = self.model.step(tokens, self.state, self.t)
+        if not self.model.cfg.frames:
+            self.out = self.model.step(tokens, self.state, self.t)
+            self.t += 1
+            return
+        self.frame.append(tokens)
+        if len(self.frame) < self.C:    # L of a frame: R's head output given that L
+            self.out = None if self.h is None else self.model.head_outputs(self.h, tokens)
+            return
+        self.h = self.model.step(torch.stack(self.frame, 1), self.state, self.t)
         self.t += 1
+        self.frame = []
+        self.out = self.model.head_outputs(self.h)
 
     def probabilities(self) -> np.ndarray:
         return _distribution(self.model, self.out)

@@ -128,12 +128,17 @@ def score_continuous(model: SaShiMi, tokens: torch.Tensor, block: int = 128) -> 
     if any(m.step_factors() is None for m in model.modules() if isinstance(m, S4Layer)):
         model.setup_step()            # (evaluate() sets it up once; call again after weight changes)
     zero = Quantizer(model.cfg.quantization, model.cfg.bits).zero_token
-    seq = torch.cat([torch.full((B, C), zero, dtype=torch.long, device=tokens.device),
-                     tokens.reshape(B, T * C).long()], 1)
-    _, out = prefill(model, seq[:, :-1], block=block, return_all=True)
-    out = out[:, C - 1:]                                   # the outputs that predict the excerpt
-    nll = -model.head.log_prob(out, seq[:, C:]) / LN2
-    return nll.double().view(B, T, C)
+    frames = torch.cat([torch.full((B, 1, C), zero, dtype=torch.long, device=tokens.device),
+                        tokens.long()], 1)
+    # positions: frames (frames layout) or interleaved tokens; the outputs after the silent frame's
+    # last position on predict the excerpt
+    k = model.cfg.step_tokens
+    seq = frames.view(B, (T + 1) * C // k, k)
+    prompt = seq[:, :-1] if model.cfg.frames else seq[:, :-1, 0]
+    _, out = prefill(model, prompt, block=block, return_all=True)
+    skip = C // k - 1
+    nll = -model.log_prob_next(out[:, skip:], seq[:, skip + 1:]) / LN2
+    return nll.double().reshape(B, T, C)
 
 
 @torch.no_grad()

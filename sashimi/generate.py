@@ -1,10 +1,11 @@
 """Sample audio from a trained SaShiMi: `python -m sashimi.generate --checkpoint RUN/checkpoint.pt`.
 
-The model runs as a recurrence, one interleaved token at a time (the exact step of every
-module, `SaShiMi.step`), sampling from its head with temperature / top-p (categorical) or
-from the logistic mixture (DML), and accumulating each sample's exact log-likelihood. The
-sample rate, bit depth, quantisation and channel count come from the checkpoint. Stereo is
-de-interleaved into (frames, 2) and written as 16-bit PCM WAV.
+The model runs as a recurrence, one position at a time (the exact step of every module,
+`SaShiMi.step`): one interleaved token, or with the frames stereo layout one frame (L sampled
+first, then R given L: two head samples per backbone step), sampling from its head with
+temperature / top-p (categorical) or from the logistic mixture (DML), and accumulating each
+sample's exact log-likelihood. The sample rate, bit depth, quantisation, channel count and
+stereo layout come from the checkpoint. Stereo is written as (frames, 2) 16-bit PCM WAV.
 
 Fast paths: the prompt (`--prompt`, or the one frame of silence an unconditional sample starts
 from) is consumed in parallel by `sashimi.prefill.prefill` (no token-by-token stepping), and on
@@ -69,9 +70,9 @@ def _map_state(fn, state):
 class StepSampler:
     """One generation step on static buffers: the unit that is captured in a CUDA graph.
 
-    step(phase): out = model.step(cur, state, phase); (token, logp) = head.sample(out, ...);
-    cur <- token; tokens[:, pos] <- token with `pos` a DEVICE tensor incremented in place;
-    loglik += logp. Nothing is read back to the host and every buffer is allocated once, so the
+    step(phase): out = model.step(cur, state, phase); (tokens, logp) = model.sample_next(out, ...)
+    (one token, or a frame's two for the frames layout); cur <- tokens; position `pos` of
+    `tokens` <- tokens, with `pos` a DEVICE tensor incremented in place; loglik += logp. Nothing is read back to the host and every buffer is allocated once, so the
     same function runs eagerly (CPU, --no-cuda-graphs) and under CUDA graph capture.
     `phase` = t mod prod(pool): what a step runs depends only on it (Backbone.phases), so
     prod(pool) graphs (16 for pool (4, 4)) cover every step.
@@ -83,26 +84,29 @@ class StepSampler:
         self.model, self.state, self.tokens, self.loglik = model, state, tokens, loglik
         self.temperature, self.top_p, self.generator = temperature, top_p, generator
         self.period = model.cfg.pool_factor
-        self.cur = torch.zeros(tokens.shape[0], dtype=torch.long, device=device)   # the last token
-        self.pos = torch.full((1,), pos, dtype=torch.long, device=device)          # where it goes
+        self.k = model.cfg.step_tokens                 # tokens per position: 1, or C (frames)
+        B = tokens.shape[0]
+        # the last position's tokens: (B,) interleaved, (B, C) a frame
+        self.cur = torch.zeros((B, self.k) if model.cfg.frames else (B,), dtype=torch.long, device=device)
+        self.pos = torch.full((1,), pos, dtype=torch.long, device=device)          # where it goes (positions)
 
     def sample(self, out: torch.Tensor) -> None:
-        """Sample the token at `pos` from the head output `out` (B, ...) and record it."""
-        token, logp = self.model.head.sample(out, self.temperature, self.top_p, generator=self.generator)
-        self.cur.copy_(token)
-        self.tokens.index_copy_(1, self.pos, token.unsqueeze(1))
+        """Sample the tokens of position `pos` from the step output `out` (B, ...) and record them."""
+        token, logp = self.model.sample_next(out, self.temperature, self.top_p, generator=self.generator)
+        self.cur.copy_(token.view(self.cur.shape))
+        self.tokens.view(token.shape[0], -1, self.k).index_copy_(1, self.pos, token.unsqueeze(1))
         self.pos.add_(1)
         self.loglik.add_(logp.double())
 
     def step(self, phase: int) -> None:
-        """Consume `cur` (interleaved step t, phase = t mod prod(pool)) and sample the next token."""
+        """Consume `cur` (position t, phase = t mod prod(pool)) and sample the next position."""
         self.sample(self.model.step(self.cur, self.state, phase))
 
     def scratch(self, generator: torch.Generator | None, steps: int) -> "StepSampler":
         """A copy on buffers of its own (state cloned, room for `steps` tokens): for warming up
         before a capture without touching this sampler's buffers or generator."""
         B = self.tokens.shape[0]
-        tokens = torch.zeros(B, steps + 1, dtype=torch.long, device=self.tokens.device)
+        tokens = torch.zeros(B, (steps + 1) * self.k, dtype=torch.long, device=self.tokens.device)
         other = StepSampler(self.model, _map_state(torch.clone, self.state), tokens,
                             torch.zeros_like(self.loglik), 0, self.temperature, self.top_p, generator)
         other.cur.copy_(self.cur)
@@ -167,7 +171,8 @@ def run_steps(sampler: StepSampler, t0: int, t1: int, graphs: dict | None = None
 
 
 def _consume_prompt(model: SaShiMi, start: torch.Tensor, use_prefill: bool):
-    """State and head output after the interleaved tokens `start` (B, T)."""
+    """State and step output after the positions `start`: (B, T) interleaved tokens, or (B, T, C)
+    frames."""
     if use_prefill:
         with nvtx_range("sashimi/generate/prefill"):
             return prefill(model, start)
@@ -208,6 +213,7 @@ def generate_audio(model: SaShiMi, frames: int, batch: int, quantizer: Quantizer
     else:
         start = torch.full((batch, C), quantizer.zero_token, dtype=torch.long, device=device)
         emit_prompt = False
+    k = cfg.step_tokens                              # tokens per position (frames: C)
     n_prompt = start.shape[1]
     n_total = frames * C + (0 if emit_prompt else C)
     if n_prompt > n_total:
@@ -224,11 +230,12 @@ def generate_audio(model: SaShiMi, frames: int, batch: int, quantizer: Quantizer
         if n_prompt < n_total:
             model.setup_step()
             # the prompt is the same for every sample: consume it once, copy the state
-            state, out = _consume_prompt(model, start[:1], use_prefill)
+            positions = start[:1].view(1, -1, C) if cfg.frames else start[:1]
+            state, out = _consume_prompt(model, positions, use_prefill)
             state = _broadcast_state(state, model.default_state(batch))
-            sampler = StepSampler(model, state, tokens, loglik, n_prompt, temperature, top_p, gen)
-            sampler.sample(out.expand(batch, *out.shape[1:]).contiguous())        # token n_prompt
-            t0, t1 = n_prompt, n_total - 1
+            sampler = StepSampler(model, state, tokens, loglik, n_prompt // k, temperature, top_p, gen)
+            sampler.sample(out.expand(batch, *out.shape[1:]).contiguous())        # position n_prompt / k
+            t0, t1 = n_prompt // k, n_total // k - 1
             graphs = None
             if cuda_graphs and t1 > t0:
                 phases = [t % sampler.period for t in range(t0, min(t1, t0 + sampler.period))]
@@ -239,7 +246,7 @@ def generate_audio(model: SaShiMi, frames: int, batch: int, quantizer: Quantizer
             if device.type == "cpu":
                 torch.set_num_threads(1)
             try:
-                _generate_steps(sampler, t0, t1, graphs, batch, C, cfg.sample_rate, progress)
+                _generate_steps(sampler, t0, t1, graphs, batch, C // k, cfg.sample_rate, progress)
             finally:
                 torch.set_num_threads(threads)
     finally:
@@ -250,11 +257,13 @@ def generate_audio(model: SaShiMi, frames: int, batch: int, quantizer: Quantizer
     return audio, (loglik / math.log(2)).cpu()
 
 
-def _generate_steps(sampler, t0, t1, graphs, batch, C, rate, progress):
-    """run_steps with a progress bar (samples/s over the batch, real-time factor per stream)."""
+def _generate_steps(sampler, t0, t1, graphs, batch, per_frame, rate, progress):
+    """run_steps with a progress bar (samples/s over the batch, real-time factor per stream);
+    per_frame: positions per frame (C interleaved, 1 for frames or mono)."""
     from tqdm.auto import tqdm
-    bar = tqdm(total=t1 - t0 + 1, disable=not progress, unit="tok", dynamic_ncols=True, mininterval=0.5)
-    bar.update(1)                                   # the token sampled from the prompt's state
+    C = per_frame
+    bar = tqdm(total=t1 - t0 + 1, disable=not progress, unit="step", dynamic_ncols=True, mininterval=0.5)
+    bar.update(1)                                   # the position sampled from the prompt's state
     start = time.perf_counter()
 
     def show(done: int) -> None:                    # host-side counters only: no device sync

@@ -1,8 +1,9 @@
 """Prefill: the recurrent state after a prompt, computed in parallel instead of token by token.
 
 `prefill(model, tokens)` returns exactly what `model.step` would leave after t = 0..T-1 (the
-full `state` of `model.default_state`, and the head output that predicts token T), for ANY
-prompt length T >= 1: not only multiples of prod(pool), and not limited to l_max.
+full `state` of `model.default_state`, and the step output that predicts position T: the head
+output, or for the frames layout the backbone output), for ANY prompt length T >= 1: not only
+multiples of prod(pool), and not limited to l_max.
 
 How (every tier of the backbone runs over its whole sequence at once):
 
@@ -246,26 +247,30 @@ def _backbone(bb, x: torch.Tensor, state: dict, block: int, dtype) -> torch.Tens
 @torch.no_grad()
 def prefill(model: SaShiMi, tokens: torch.Tensor, *, block: int = 128, dtype: torch.dtype = torch.float32,
             return_all: bool = False):
-    """The recurrent state after the interleaved prompt `tokens` (B, T), T >= 1, in parallel.
+    """The recurrent state after the prompt `tokens`, in parallel: interleaved tokens (B, T), or
+    for the frames layout frames (B, T, C); T >= 1 positions either way.
 
     Equals `state = model.default_state(B); for t in range(T): out = model.step(tokens[:, t],
-    state, t)` (call `model.setup_step()` first). Returns (state, out) with out the head output
-    after the last prompt token (B, V or 3 * n_mixtures), which predicts token T; with
-    return_all=True, out holds the outputs after every prompt token (B, T, ...).
-    The next step to run is `model.step(token_T, state, T)`.
+    state, t)` (call `model.setup_step()` first). Returns (state, out) with out the step output
+    after the last prompt position (B, ...) (`model.sample_next` draws position T from it);
+    with return_all=True, out holds the outputs after every position (B, T, ...).
+    The next step to run is `model.step(tokens_T, state, T)`.
     block: the scan's block size (the sequential part is T / block small matmuls per S4 layer);
     dtype: the scan's arithmetic (float32, or float64 for a reference).
     """
-    if not torch.is_tensor(tokens) or tokens.dim() != 2 or tokens.dtype not in (torch.long, torch.int32, torch.int16, torch.uint8):
-        raise ValueError(f"prefill: tokens must be an integer tensor (batch, T), got "
+    dims = 3 if model.cfg.frames else 2
+    what = f"(batch, T, {model.cfg.channels}) frames" if dims == 3 else "(batch, T)"
+    if (not torch.is_tensor(tokens) or tokens.dim() != dims
+            or tokens.dtype not in (torch.long, torch.int32, torch.int16, torch.uint8)
+            or (dims == 3 and tokens.shape[-1] != model.cfg.channels)):
+        raise ValueError(f"prefill: tokens must be an integer tensor {what}, got "
                          f"{tuple(tokens.shape) if torch.is_tensor(tokens) else type(tokens).__name__}")
-    B, T = tokens.shape
+    B, T = tokens.shape[:2]
     if T < 1:
-        raise ValueError("prefill: the prompt must hold at least one token")
+        raise ValueError("prefill: the prompt must hold at least one position")
     if any(m.step_factors() is None for m in model.modules() if isinstance(m, S4Layer)):
         raise RuntimeError("call model.setup_step() before prefill()")
     state = model.default_state(B)
-    x = F.embedding(tokens.long(), model.embedding.weight)
-    h = _backbone(model.backbone, x, state, block, dtype)
-    out = model.head(h if return_all else h[:, -1])
+    h = _backbone(model.backbone, model.embed_steps(tokens), state, block, dtype)
+    out = model.step_output(h if return_all else h[:, -1])
     return state, out

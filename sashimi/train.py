@@ -69,14 +69,17 @@ class TrainConfig:
 # command line
 # --------------------------------------------------------------------------------------------
 MODEL_FLAGS = ("ssm", "bits", "quantization", "head", "seq_len", "sample_rate", "n_mixtures",
-               "tie_weights", "channels", "d_model", "n_layers", "d_state")
+               "tie_weights", "channels", "stereo_layout", "d_model", "n_layers", "d_state")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     # flag defaults are None ("not given", see check_resume_flags); help texts state the real ones
     p = argparse.ArgumentParser(prog="python -m sashimi.train", description=__doc__.split("\n\n")[0])
     # None defaults: "not given", so --resume can tell a flag that contradicts the checkpoint
-    p.add_argument("--stereo", action="store_true", default=None, help="two channels, interleaved L R L R")
+    p.add_argument("--stereo", action="store_true", default=None, help="two channels (laid out as --stereo-layout says)")
+    p.add_argument("--stereo-layout", choices=("interleave", "frames"), default=None,
+                   help="stereo as one interleaved sequence L0 R0 L1 R1 ... (default), or as frames: one "
+                        "position per frame, R predicted given L (half the positions; README: which to use)")
     p.add_argument("--data", help="folder of WAV/FLAC/OGG files (searched recursively); default: built-in synthetic stereo music")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="model size (default: tiny)")
     p.add_argument("--ssm", choices=("dplr", "diag"), default=None, help="S4 (DPLR, default) or S4D (diagonal)")
@@ -134,7 +137,8 @@ def model_config_from_args(args) -> ModelConfig:
     preset = dict(PRESETS[args.preset or "tiny"])
     given = dict(ssm=args.ssm, bits=args.bits, quantization=args.quantization, head=args.head,
                  n_mixtures=args.n_mixtures, tie_weights=args.tie_weights, sample_rate=args.sample_rate,
-                 seq_len=args.seq_len, channels=2 if args.stereo else None)
+                 seq_len=args.seq_len, channels=2 if args.stereo else None,
+                 stereo_layout=args.stereo_layout)
     preset.update({k: v for k, v in given.items() if v is not None})
     try:
         return ModelConfig(**preset)
@@ -159,7 +163,7 @@ def check_resume_flags(args, saved: ModelConfig) -> None:
     explicit = {"ssm": args.ssm, "bits": args.bits, "quantization": args.quantization, "head": args.head,
                 "n_mixtures": args.n_mixtures, "tie_weights": args.tie_weights,
                 "sample_rate": args.sample_rate, "seq_len": args.seq_len,
-                "channels": 2 if args.stereo else None}
+                "channels": 2 if args.stereo else None, "stereo_layout": args.stereo_layout}
     if args.preset is not None:
         explicit.update({k: getattr(wanted, k) for k in PRESETS[args.preset]})
     diffs = [f"{k}={v!r} (checkpoint: {getattr(saved, k)!r})" for k, v in explicit.items()
@@ -394,7 +398,7 @@ def validate(model: SaShiMi, batches, device, precision: str, distributed: bool)
         batch = batch.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             nll = model.nll_bits(batch).float()
-        for c, part in enumerate(SaShiMi.per_channel(nll, C)):
+        for c, part in enumerate(SaShiMi.per_channel(nll, C, model.cfg.frames)):
             sums[c] += part.sum().double()
         sums[C] += nll.numel()
         per_crop = nll.double().mean(1)
@@ -555,7 +559,8 @@ def _run_locked(args, device, distributed, rank, world, main, out: Path) -> int:
 
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        print(f"SaShiMi {'stereo' if model_cfg.channels == 2 else 'mono'}, ssm={model_cfg.ssm}, "
+        layout = f" ({model_cfg.stereo_layout})" if model_cfg.channels == 2 else ""
+        print(f"SaShiMi {'stereo' if model_cfg.channels == 2 else 'mono'}{layout}, ssm={model_cfg.ssm}, "
               f"{model_cfg.bits}-bit {model_cfg.quantization}, head={model_cfg.head}, "
               f"{count_parameters(model):,} parameters, {model_cfg.sample_rate} Hz, "
               f"{model_cfg.seq_len} frames x {model_cfg.channels} ch, batch {train_cfg.batch_size} x {world}, "
@@ -569,7 +574,7 @@ def _run_locked(args, device, distributed, rank, world, main, out: Path) -> int:
             model_config=dataclasses.replace(model_cfg, kernel_backend="auto").to_dict(),
             train_config=train_cfg.to_dict(), model=model.state_dict(), optimizer=optimizer.state_dict(),
             step=step, rng=checkpoint.rng_state(), data_position=dict(step=step, seed=train_cfg.seed, world_size=world),
-            tokens_seen=step * train_cfg.batch_size * world * model_cfg.l_max, resumes=resumes),
+            tokens_seen=step * train_cfg.batch_size * world * model_cfg.seq_len * model_cfg.channels, resumes=resumes),
             keep_previous=True)
 
     if args.threads is not None and args.threads < 1:
@@ -611,7 +616,7 @@ def _run_locked(args, device, distributed, rank, world, main, out: Path) -> int:
     from tqdm.auto import tqdm
     bar = tqdm(total=train_cfg.steps, initial=start_step, disable=not main, unit="step",
                dynamic_ncols=True, mininterval=0.5)
-    tokens_per_step = train_cfg.batch_size * world * model_cfg.l_max
+    tokens_per_step = train_cfg.batch_size * world * model_cfg.seq_len * model_cfg.channels  # samples
     log_every = 1 if device.type == "cpu" else train_cfg.log_every
     t0 = time.perf_counter()
     window_t, window_steps = time.perf_counter(), 0

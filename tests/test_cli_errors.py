@@ -101,6 +101,11 @@ TRAIN_ROWS = [
     ("resume-other-batch", _resume(lambda c: c.run, "--batch-size", "3"), "--batch-size 3 (the run used 2)"),
     ("resume-fewer-steps", lambda c: ["--steps", "1", *FAST, "--out", str(c.run), "--resume"], "already at step 2"),
     ("resume-other-model", _resume(lambda c: c.run, "--bits", "16"), "differ from the checkpoint"),
+    ("resume-other-layout", _resume(lambda c: c.run, "--stereo-layout", "frames"),
+     "stereo_layout='frames' (checkpoint: 'interleave')"),
+    ("frames-mono", lambda c: ["--steps", "2", *FAST, "--out", str(c.tmp / "new"), "--stereo-layout", "frames"],
+     "needs stereo"),
+    ("frames-tied", lambda c: _new(c, "--stereo-layout", "frames", "--tie-weights"), "interleave layout"),
 ]
 
 

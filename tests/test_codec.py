@@ -27,6 +27,7 @@ def models(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("codec")
     out = {}
     for name, flags in (("stereo-mulaw8", ["--stereo"]),
+                        ("frames-mulaw8", ["--stereo", "--stereo-layout", "frames"]),
                         ("mono-linear16", ["--bits", "16", "--quantization", "linear", "--head", "dml"])):
         assert train_main([*TRAIN, *flags, "--out", str(root / name)]) == 0
         out[name] = root / name / "checkpoint.pt"
@@ -72,9 +73,10 @@ def test_16_bit_edge_signals(tmp_path, models, kind):
     assert np.array_equal(sf.read(str(tmp_path / "out.wav"), dtype="int16")[0][:, None], pcm)
 
 
-def test_stereo_mu_law_restores_the_quantised_input(tmp_path, models, capsys):
+@pytest.mark.parametrize("name", ["stereo-mulaw8", "frames-mulaw8"])
+def test_stereo_mu_law_restores_the_quantised_input(tmp_path, models, capsys, name):
     audio = _music(233, 2)
-    src, out = _round_trip(tmp_path, models["stereo-mulaw8"], audio, subtype="FLOAT")
+    src, out = _round_trip(tmp_path, models[name], audio, subtype="FLOAT")
     assert "restores those samples exactly" in capsys.readouterr().out
     x = torch.from_numpy(sf.read(str(src), dtype="float32", always_2d=True)[0])
     q = Quantizer("mu-law", 8)
@@ -82,15 +84,26 @@ def test_stereo_mu_law_restores_the_quantised_input(tmp_path, models, capsys):
     assert np.array_equal(sf.read(str(out), dtype="int16", always_2d=True)[0], expected)
 
 
-def test_report_is_close_to_the_model_nll(tmp_path, models):
+@pytest.mark.parametrize("name", ["stereo-mulaw8", "frames-mulaw8"])
+def test_report_is_close_to_the_model_nll(tmp_path, models, name):
     import json
-    _round_trip(tmp_path, models["stereo-mulaw8"], _music(800, 2))
+    _round_trip(tmp_path, models[name], _music(800, 2))
     r = json.loads((tmp_path / "r.json").read_text())[0]
     chunks = 8
     samples = 800 * 2
     # the range coder's payload is the model's NLL plus at most a few words per chunk
     assert r["payload_bits_per_sample"] <= r["nll_bits_per_sample"] * 1.01 + chunks * 64 / samples
     assert len(r["nll_bits_per_sample_per_channel"]) == 2 and r["flac_bytes"] > 0
+    # the codec's per-channel NLL is the model's own (evaluate's exact recurrence), to fp32
+    from sashimi import checkpoint
+    from sashimi.evaluate import score_continuous
+    model = checkpoint.load_model(models[name], "cpu")[0].eval()
+    x = torch.from_numpy(sf.read(str(tmp_path / "in.wav"), dtype="float32", always_2d=True)[0])
+    tokens = Quantizer(model.cfg.quantization, model.cfg.bits).encode(x)
+    per_chunk = [score_continuous(model, tokens[i:i + 100][None])[0] for i in range(0, 800, 100)]
+    want = torch.cat(per_chunk).mean(0)
+    got = torch.tensor(r["nll_bits_per_sample_per_channel"], dtype=torch.float64)
+    assert torch.allclose(got, want, atol=1e-3), (got, want)
 
 
 def _one_line(capsys, rc):

@@ -108,11 +108,11 @@ from sashimi.model import PRESETS, ModelConfig, SaShiMi  # noqa: E402
 from sashimi.prefill import prefill  # noqa: E402
 
 
-def _tiny_model(head="categorical", C=2, ssm="dplr", device="cpu", seed=0):
+def _tiny_model(head="categorical", C=2, ssm="dplr", device="cpu", seed=0, layout="interleave"):
     torch.manual_seed(seed)
     backend = "reference" if device == "cpu" else "auto"
     cfg = ModelConfig(**dict(PRESETS["tiny"], seq_len=64, channels=C, head=head, ssm=ssm,
-                             kernel_backend=backend, sample_rate=8000))
+                             kernel_backend=backend, sample_rate=8000, stereo_layout=layout))
     return SaShiMi(cfg).to(device).eval()
 
 
@@ -241,3 +241,56 @@ def test_cuda_graph_throughput_gpu(preset, batch):
           f"({rates[True] * batch / 2:,.0f} samples/s), eager {rates[False]:,.0f} steps/s "
           f"(includes prefill, warm-up and capture)")
     assert rates[True] > rates[False]
+
+
+@pytest.mark.parametrize("with_prompt", [False, True])
+@pytest.mark.parametrize("head", ["categorical", "dml"])
+def test_generate_audio_frames_is_prefill_plus_the_frame_loop(with_prompt, head):
+    """The frames layout: generate_audio = prefill of the prompt frames (or the silent frame) +
+    a plain loop of one backbone step and two head samples (L, then R given L) per frame."""
+    m = _tiny_model(head, C=2, ssm="diag", layout="frames")
+    q = Quantizer(m.cfg.quantization, m.cfg.bits)
+    B, frames = 3, 50
+    p = 0.3 * torch.sin(torch.arange(13 * 2, dtype=torch.float32)).view(13, 2) if with_prompt else None
+    audio, ll = generate_audio(m, frames, B, q, temperature=0.9, prompt=p, seed=5, progress=False)
+    start = q.encode(p)[None] if with_prompt else torch.full((1, 1, 2), q.zero_token)
+    n_prompt = start.shape[1]
+    n_total = frames + (0 if with_prompt else 1)
+    m.setup_step()
+    gen = torch.Generator().manual_seed(5)
+    toks = torch.zeros(B, n_total, 2, dtype=torch.long)
+    toks[:, :n_prompt] = start
+    ref_ll = torch.zeros(B, dtype=torch.float64)
+    with torch.no_grad():
+        state, out = prefill(m, start)
+        state = _broadcast_state(state, m.default_state(B))
+        out = out.expand(B, -1).contiguous()
+        for t in range(n_prompt, n_total):
+            left, lp_l = m.head.sample(m.head(out), 0.9, 1.0, generator=gen)
+            right, lp_r = m.head.sample(m.head(m.right(out, left)), 0.9, 1.0, generator=gen)
+            toks[:, t] = torch.stack([left, right], 1)
+            ref_ll += (lp_l + lp_r).double()          # as sample_next sums them
+            if t < n_total - 1:
+                out = m.step(toks[:, t], state, t)
+    if not with_prompt:
+        toks = toks[:, 1:]
+    assert audio.shape == (B, frames, 2)
+    assert torch.equal(audio, q.decode(toks).float())
+    assert torch.allclose(ll, ref_ll / np.log(2), rtol=0, atol=1e-9)
+    assert len(set(toks[:, n_prompt - (0 if with_prompt else 1):].flatten().tolist())) > 5
+    # stepping through the prompt instead of prefilling it: the same state up to rounding
+    a2, _ = generate_audio(m, frames, B, q, temperature=1e-4, prompt=p, seed=5, progress=False, use_prefill=False)
+    a3, _ = generate_audio(m, frames, B, q, temperature=1e-4, prompt=p, seed=5, progress=False)
+    assert torch.equal(a2, a3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head", ["categorical", "dml"])
+def test_cuda_graphs_equal_eager_frames_gpu(head):
+    """The frames layout's step (two head samples per backbone step) under CUDA graphs draws
+    exactly the eager run's tokens."""
+    m = _tiny_model(head, C=2, ssm="diag", device="cuda", layout="frames")
+    q = Quantizer(m.cfg.quantization, m.cfg.bits)
+    eager, ll_e = generate_audio(m, 400, 4, q, temperature=0.9, seed=6, progress=False, cuda_graphs=False)
+    graphs, ll_g = generate_audio(m, 400, 4, q, temperature=0.9, seed=6, progress=False, cuda_graphs=True)
+    assert torch.equal(eager, graphs) and torch.allclose(ll_e, ll_g)

@@ -232,3 +232,132 @@ def test_fused_tier_kernel_reproduces_convolution(triton_device):
     with torch.no_grad():
         conv = m(tokens)
     assert_rel_close(_step_outputs(m, tokens), conv, 1e-4, "fused Triton step vs forward")
+
+
+# --------------------------------------------------------------------------------------------
+# the frames stereo layout (issue 14): one position per frame, R predicted given L
+# --------------------------------------------------------------------------------------------
+FRAMES_COMBOS = [(ssm, head) for ssm in ("dplr", "diag") for head in ("categorical", "dml")]
+
+
+def frames_cfg(**kw) -> ModelConfig:
+    return tiny(channels=2, stereo_layout="frames", **kw)
+
+
+def _frame_step_nll(m: SaShiMi, batch: torch.Tensor) -> torch.Tensor:
+    """NLL in bits (B, L*2) of frames 1..L through `step` + `log_prob_next` (generation's path)."""
+    B, L1, _ = batch.shape
+    m.setup_step()
+    state = m.default_state(B)
+    with torch.no_grad():
+        out = torch.stack([m.step(batch[:, t], state, t) for t in range(L1 - 1)], 1)
+        return (-m.log_prob_next(out, batch[:, 1:]) / 0.6931471805599453).reshape(B, -1)
+
+
+@pytest.mark.parametrize("ssm,head", FRAMES_COMBOS)
+def test_frames_shapes_and_half_the_positions(ssm, head):
+    torch.manual_seed(10)
+    m = SaShiMi(frames_cfg(ssm=ssm, head=head))
+    assert m.cfg.l_max == 64 and tiny(channels=2).l_max == 128
+    tokens = torch.randint(0, 256, (3, 64, 2))
+    out = m(tokens, next_left=torch.randint(0, 256, (3, 64)))
+    assert out.shape == (3, 64, 2, 256 if head == "categorical" else 30)
+    batch = torch.randint(0, 256, (3, 65, 2))
+    nll = m.nll_bits(batch)
+    assert nll.shape == (3, 128) and torch.isfinite(nll).all()
+    nll.mean().backward()
+    for name, p in m.named_parameters():   # every parameter is trained, the R|L block included
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    with pytest.raises(ValueError, match="next_left"):
+        m(tokens)
+
+
+@pytest.mark.parametrize("ssm,head", FRAMES_COMBOS)
+def test_frames_recurrence_reproduces_convolution(ssm, head):
+    """Frame by frame through `step` (+ R given the true L), 256 frames, equals the
+    convolutional training pass, target by target."""
+    torch.manual_seed(11)
+    m = SaShiMi(frames_cfg(ssm=ssm, head=head, seq_len=256)).eval()
+    batch = torch.randint(0, 256, (2, 257, 2))
+    with torch.no_grad():
+        conv = m.nll_bits(batch)
+    assert_rel_close(_frame_step_nll(m, batch), conv, 1e-4, "frames step vs forward")
+
+
+def test_frames_recurrence_after_training():
+    torch.manual_seed(12)
+    m = SaShiMi(frames_cfg(ssm="dplr", seq_len=128))
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    batch = torch.randint(100, 156, (4, 129, 2))
+    for _ in range(15):
+        loss = m.nll_bits(batch).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    with torch.no_grad():
+        conv = m.nll_bits(batch[:2])
+    assert_rel_close(_frame_step_nll(m, batch[:2]), conv, 1e-4, "frames step vs forward (trained)")
+
+
+def test_frames_causal_and_right_sees_left():
+    """Changing frame t changes no prediction of frames <= t; changing L_{t+1} changes the
+    prediction of R_{t+1} (and only that one, among the targets up to frame t + 1)."""
+    torch.manual_seed(13)
+    m = SaShiMi(frames_cfg()).eval()
+    batch = torch.randint(0, 256, (2, 65, 2))
+    t = 37
+    changed = batch.clone()
+    changed[:, t, :] = (changed[:, t, :] + 101) % 256
+    with torch.no_grad():
+        a = m.nll_bits(batch).view(2, 64, 2)   # [s, c]: channel c of frame s + 1
+        b = m.nll_bits(changed).view(2, 64, 2)
+    assert (a[:, :t - 1] - b[:, :t - 1]).abs().max() <= 1e-4
+    # frame t's own targets (position t - 1) differ: L_t's NLL (target) and R_t's (target and L_t)
+    assert (a[:, t - 1] - b[:, t - 1]).abs().min() >= 1e-3
+    left_only = batch.clone()
+    left_only[:, t, 0] = (left_only[:, t, 0] + 101) % 256
+    with torch.no_grad():
+        c = m.nll_bits(left_only).view(2, 64, 2)
+    assert (c[:, t - 1, 1] - a[:, t - 1, 1]).abs().min() >= 1e-4   # R_t conditions on L_t
+
+
+def test_frames_per_channel_split():
+    nll = torch.arange(8.0).view(1, 8)   # frames layout: target 2t + c is channel c of frame t + 1
+    left, right = SaShiMi.per_channel(nll, 2, frames=True)
+    assert left.tolist() == [[0.0, 2.0, 4.0, 6.0]] and right.tolist() == [[1.0, 3.0, 5.0, 7.0]]
+
+
+def test_frames_sample_next_is_exact():
+    """The two-stage sample's log-probability is the model's log p(L) + log p(R | L)."""
+    torch.manual_seed(14)
+    m = SaShiMi(frames_cfg()).eval()
+    h = torch.randn(5, m.cfg.d_model)
+    tok, logp = m.sample_next(h, generator=torch.Generator().manual_seed(0))
+    assert tok.shape == (5, 2) and logp.shape == (5,)
+    want = m.log_prob_next(h, tok).sum(-1)
+    assert torch.allclose(logp, want, atol=1e-5)
+
+
+def test_frames_config_errors():
+    with pytest.raises(ValueError, match="needs stereo"):
+        tiny(channels=1, stereo_layout="frames")
+    with pytest.raises(ValueError, match="stereo_layout must be"):
+        tiny(channels=2, stereo_layout="planar")
+    with pytest.raises(ValueError, match="interleave layout"):
+        tiny(channels=2, stereo_layout="frames", tie_weights=True)
+    cfg = frames_cfg()
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    old = tiny(channels=2).to_dict()
+    del old["stereo_layout"]                   # a checkpoint from before the field: interleave
+    assert ModelConfig.from_dict(old).stereo_layout == "interleave"
+
+
+def test_interleave_init_unchanged_by_frames():
+    """The frames layout's extra tables do not change an interleave model's initialisation."""
+    from sashimi.model import ordinal_embedding
+    m = SaShiMi(tiny(channels=2))
+    assert torch.equal(m.embedding.weight, ordinal_embedding(256, m.cfg.d_model)) and m.right is None
+    f = SaShiMi(frames_cfg())
+    assert f.embedding.weight.shape == (512, f.cfg.d_model)
+    assert not torch.allclose(f.embedding.weight[:256], f.embedding.weight[256:])   # L and R differ

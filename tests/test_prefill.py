@@ -175,3 +175,34 @@ def test_prefill_equals_stepping_cuda(ssm):
         with torch.no_grad():
             follow = torch.stack([m.step(tokens[:, t], pre_state, t) for t in range(T, T + FOLLOW)], 1)
         assert_rel_close(follow, outs[:, T:], 1e-4, "following steps")
+
+
+@pytest.mark.parametrize("ssm,head", [("dplr", "categorical"), ("diag", "dml")])
+def test_prefill_equals_stepping_frames(ssm, head):
+    """The frames layout: prefill of T frames (B, T, 2) is the state and output frame-by-frame
+    stepping leaves, and the frames that follow agree."""
+    torch.manual_seed(11)
+    m = SaShiMi(tiny(ssm=ssm, channels=2, head=head, stereo_layout="frames")).eval()
+    m.setup_step()
+    lengths = [(1, 128), (7, 128), (37, 8), (150, 64)]      # 150 > l_max = 64 frames
+    T_max = max(L for L, _ in lengths)
+    frames = torch.randint(0, 256, (2, T_max + FOLLOW, 2))
+    state = m.default_state(2)
+    outs, snaps = [], {}
+    with torch.no_grad():
+        for t in range(T_max + FOLLOW):
+            outs.append(m.step(frames[:, t], state, t))
+            if t + 1 in {L for L, _ in lengths}:
+                snaps[t + 1] = _clone(state)
+    outs = torch.stack(outs, 1)
+    for L, block in lengths:
+        pre_state, last = prefill(m, frames[:, :L], block=block)
+        _assert_states_close(pre_state, snaps[L], 1e-5, f"state after {L} frames")
+        assert_rel_close(last, outs[:, L - 1], 1e-4, f"last output, prompt {L}")
+        with torch.no_grad():
+            follow = torch.stack([m.step(frames[:, t], pre_state, t) for t in range(L, L + FOLLOW)], 1)
+        assert_rel_close(follow, outs[:, L: L + FOLLOW], 1e-4, f"the {FOLLOW} frames after {L}")
+    _, all_out = prefill(m, frames[:, :37], block=16, return_all=True)
+    assert_rel_close(all_out, outs[:, :37], 1e-4, "return_all")
+    with pytest.raises(ValueError, match=r"\(batch, T, 2\) frames"):
+        prefill(m, frames[:, :5, 0])

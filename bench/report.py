@@ -275,6 +275,12 @@ def train_rows(benches: list[dict]) -> list[list[str]]:
     return rows
 
 
+def _channels_label(C, layout) -> str:
+    if C != 2:
+        return "mono"
+    return "stereo-frames" if layout == "frames" else "stereo"
+
+
 def generation_rows(benches: list[dict]) -> list[list[str]]:
     rows = []
     for b in benches:
@@ -294,7 +300,7 @@ def generation_rows(benches: list[dict]) -> list[list[str]]:
             targets.append(f">= {t_samples:,.0f} samples/s")
             met.append(samples is not None and samples >= t_samples)
         rt = _num(info.get("realtime_factor"))
-        rows.append([str(info.get("preset", "?")), "stereo" if C == 2 else "mono", str(batch),
+        rows.append([str(info.get("preset", "?")), _channels_label(C, info.get("stereo_layout")), str(batch),
                      str(info.get("provider", "?")),
                      f"{info['us_per_step']:.1f}" if _num(info.get("us_per_step")) else "-",
                      f"{steps:,.0f}" if steps else "-", f"{samples:,.0f}" if samples else "-",
@@ -374,14 +380,15 @@ def make_plots(benches: list[dict], plots_dir: Path) -> list[tuple[str, Path]]:
     for b in benches:
         info = b.get("extra_info") or {}
         if info.get("op") == "generation" and _num(info.get("samples_per_s")):
-            key = (info.get("preset"), info.get("channels"), info.get("provider"))
+            key = (info.get("preset"), _channels_label(info.get("channels"), info.get("stereo_layout")),
+                   info.get("provider"))
             series.setdefault(key, []).append((info.get("batch"), info["samples_per_s"]))
     if series:
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        for (preset, C, provider), pts in sorted(series.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        for (preset, channels, provider), pts in sorted(series.items(), key=lambda kv: tuple(map(str, kv[0]))):
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                    label=f"{provider}, {preset}, {'stereo' if C == 2 else 'mono'}")
+                    label=f"{provider}, {preset}, {channels}")
         ab = sorted(GEN_ANCHOR_SAMPLES.items())
         ax.plot([a[0] for a in ab], [a[1] for a in ab], marker="x", linestyle=":", color="gray",
                 label="public SaShiMi, mono (anchor)")

@@ -221,6 +221,11 @@ def _embed_inputs(s, g):
     return [tokens, torch.randn(s["V"], s["D"], generator=g, dtype=F64), s.get("scale", 1.0)]
 
 
+def _embed_frames_inputs(s, g):
+    tokens = torch.randint(0, s["V"], (s["B"], s["L"], s["C"]), generator=g)
+    return [tokens, torch.randn(s["C"], s["V"], s["D"], generator=g, dtype=F64), s.get("scale", 1.0)]
+
+
 def _step_inputs(s, g):
     p = step_system(s["H"], s["N"], s.get("r", 0), generator=g)
     state = torch.zeros(s["B"], s["H"], s["N"], dtype=C128)
@@ -321,6 +326,40 @@ def _cases_embed():
                        lambda tok=tok, V=V, det=det: e.embed_interleave_bwd(g, tok, V, torch.float32, 8.0, det))
 
 
+def _cases_embed_frames():
+    f = OPS["embed_frames"].module
+    # the bench shape: the interleave anchor's audio (B=16, L=64000, C=2) at one position per frame
+    B, L, C, D = 16, 32000, 2, 64
+
+    def view(c):   # the trainer's batch[:, :L] of a (B, L+1, c) batch
+        return _meta(B, L + 1, c, dtype=torch.int64)[:, :L]
+
+    tokens = view(C)
+    for V in (256, 65536):
+        for wdt in (torch.float32, torch.bfloat16):
+            w = _meta(C, V, D, dtype=wdt)
+            for odt in (torch.float32, torch.bfloat16):
+                yield (f"frames fwd V={V} w={str(wdt)[6:]} out={str(odt)[6:]}",
+                       lambda w=w, odt=odt: f.embed_frames_fwd(tokens, w, 8.0, odt))
+    for c in (1, 3):      # C is a constexpr: one compile per channel count
+        yield (f"frames fwd V=256 C={c}",
+               lambda c=c: f.embed_frames_fwd(view(c), _meta(c, 256, D), 8.0, torch.bfloat16))
+    w = _meta(C, 256, D)
+    for tdt in (torch.uint8, torch.int8, torch.int16, torch.int32):
+        tok = _meta(B, L, C, dtype=tdt)
+        yield (f"frames fwd V=256 tokens={str(tdt)[6:]}",
+               lambda tok=tok: f.embed_frames_fwd(tok, w, 8.0, torch.bfloat16))
+    # the backward launches embed_interleave's kernels, per channel: on views of the tokens
+    # (check=True; channel 1's view starts 8 bytes in) or on the masked int64 copy (check=False)
+    g = _meta(B, L, D, dtype=torch.bfloat16)
+    for V in (256, 65536):
+        for det in (False, True):
+            for mask in (False, True):
+                yield (f"frames bwd V={V} det={det} mask_invalid={mask}",
+                       lambda V=V, det=det, mask=mask:
+                       f.embed_frames_bwd(g, tokens, V, torch.float32, 8.0, det, mask))
+
+
 def _step_call(launcher, B, H, N, r):
     m = _meta
     pqw = [m(r, H, N, 2) for _ in range(3)] if r else []
@@ -417,6 +456,17 @@ OPS: dict[str, OpSpec] = {s.name: s for s in [
         compile_cases=_cases_embed,
         hot_loop={"_embed_interleave_fwd_kernel":
                   HotLoop("row element", lambda kw: kw["BLOCK_R"] * kw["BLOCK_D"], loop=None)}),
+    OpSpec(
+        "embed_frames", _lazy("embed_frames"), reference.embed_frames, _embed_frames_inputs,
+        tol=1e-5, selftest=dict(B=3, L=11, C=2, V=37, D=13, scale=0.5), grads=(1,),
+        # the same audio as embed_interleave's anchor (B16-L64000-C2) in half the positions
+        bench={"B16-L32000-C2-D64": dict(B=16, L=32000, C=2, D=64)},
+        # bf16 out: tokens read + one row written per frame (the C tables stay in L2); fwdbwd adds
+        # grad_out read once (the floor: the per-channel backward reads it C times)
+        work=lambda s, d: (None, s["B"] * s["L"] * (8 * s["C"] + s["D"] * (2 if d == "fwd" else 4))),
+        compile_cases=_cases_embed_frames,
+        hot_loop={"_embed_frames_fwd_kernel":
+                  HotLoop("frame element", lambda kw: kw["BLOCK_L"] * kw["BLOCK_D"], loop=None)}),
     OpSpec(
         "ssm_step", _lazy("ssm_step"), reference.ssm_step, _step_inputs, tol=1e-4,
         selftest=dict(B=2, H=5, N=7, steps=12), state=0, drive=1,

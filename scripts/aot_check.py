@@ -115,7 +115,7 @@ def recording(ops):
         patches += [(v, "_sm_count", lambda index: H100_SMS),
                     (v, "_plan", lambda B, L, device: plan(B, L, cuda0)),
                     (v, "_precision", lambda device: "tf32x3")]
-    if "embed_interleave" in ops:
+    if {"embed_interleave", "embed_frames"} & set(ops):   # embed_frames' backward is embed_interleave's
         e = mod("embed_interleave")
         fast = e._fast_programs
         patches += [(e, "_sm_count", lambda index: H100_SMS),

@@ -70,7 +70,8 @@ def embed_interleave(tokens: torch.Tensor, weight: torch.Tensor, scale: float = 
     B, L, C = tokens.shape
     out_dtype = weight.dtype if out_dtype is None else out_dtype
     compute = torch.promote_types(weight.dtype, torch.float32)  # fp32 for fp32/bf16, fp64 stays
-    rows = weight.to(compute)[tokens.reshape(B, L * C)]  # reshape of (B, L, C) is the interleave
+    # .long(): uint8 tokens would index as a boolean mask, int8/int16 not at all
+    rows = weight.to(compute)[tokens.reshape(B, L * C).long()]  # reshape of (B, L, C) is the interleave
     return (rows * scale).to(out_dtype)
 
 

@@ -468,6 +468,15 @@ def test_reference_backend_on_cpu():
     assert torch.equal(out, (weight[tokens.reshape(2, 6)] * 2.0).to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_reference_takes_every_token_dtype(dtype):
+    """uint8 tokens are indices, not a boolean mask; int8/int16 index too."""
+    tokens = torch.tensor([[[0, 1], [2, 1]]], dtype=dtype)
+    weight = torch.arange(12.0).view(3, 4)
+    out = embed_interleave(tokens, weight, backend="reference")
+    assert torch.equal(out, weight[tokens.reshape(1, 4).long()])
+
+
 # ------------------------------------------------------------------------------------------------
 # GPU only: the anchor size
 # ------------------------------------------------------------------------------------------------

@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from kernels.embed_frames import embed_frames
 from kernels.profiling import nvtx_range
 from sashimi.s4 import S4Layer
 
@@ -509,7 +508,7 @@ class SaShiMi(nn.Module):
             # fp32 out even under bf16 autocast: it starts the residual stream, which stays fp32
             # under torch.use_deterministic_algorithms (train --deterministic) the backward
             # sums in a fixed order instead of with atomics
-            op = embed_frames if self.cfg.frames else kernels.embed_interleave
+            op = kernels.embed_frames if self.cfg.frames else kernels.embed_interleave
             return op(tokens, self.tables(), check=check_tokens,
                       deterministic=torch.are_deterministic_algorithms_enabled(),
                       backend=self.cfg.kernel_backend)

@@ -258,13 +258,13 @@ class RunLock:
 def check_batch_fits(cfg: ModelConfig, batch: int, device: torch.device) -> None:
     """Refuse a batch whose activations cannot fit: a lower bound (the head's output and its
     gradient, and one fp32 activation and gradient per backbone layer), never an overestimate."""
-    per_token = 4 * 2 * ((cfg.levels if cfg.head == "categorical" else 3 * cfg.n_mixtures)
-                         + cfg.d_model * cfg.n_layers)
-    need = batch * cfg.l_max * per_token
+    head = cfg.levels if cfg.head == "categorical" else 3 * cfg.n_mixtures
+    samples = cfg.seq_len * cfg.channels            # head outputs (both layouts: one per sample)
+    need = batch * 4 * 2 * (samples * head + cfg.l_max * cfg.d_model * cfg.n_layers)
     have = machine_memory(device)
     if have and need > have:
         raise UserError(f"--batch-size {batch} needs at least {need / 2**30:,.1f} GiB for activations "
-                        f"({cfg.l_max} tokens x {batch}); {device.type} memory here is {have / 2**30:,.1f} GiB")
+                        f"({samples} samples x {batch}); {device.type} memory here is {have / 2**30:,.1f} GiB")
 
 
 def warn_big_softmax(cfg: ModelConfig) -> None:

@@ -159,12 +159,12 @@ def train_config_from_args(args, base: TrainConfig | None = None) -> TrainConfig
 
 def check_resume_flags(args, saved: ModelConfig) -> None:
     """Flags that would change the model must agree with the checkpoint's config."""
-    wanted = model_config_from_args(args)
     explicit = {"ssm": args.ssm, "bits": args.bits, "quantization": args.quantization, "head": args.head,
                 "n_mixtures": args.n_mixtures, "tie_weights": args.tie_weights,
                 "sample_rate": args.sample_rate, "seq_len": args.seq_len,
                 "channels": 2 if args.stereo else None, "stereo_layout": args.stereo_layout}
-    if args.preset is not None:
+    if args.preset is not None:   # the preset's values as a config holds them (tuples, floats)
+        wanted = model_config_from_args(argparse.Namespace(**{**vars(args), "stereo": saved.channels == 2}))
         explicit.update({k: getattr(wanted, k) for k in PRESETS[args.preset]})
     diffs = [f"{k}={v!r} (checkpoint: {getattr(saved, k)!r})" for k, v in explicit.items()
              if v is not None and getattr(saved, k) != v]

@@ -147,7 +147,7 @@ def test_prefill_errors():
     with pytest.raises(RuntimeError, match="setup_step"):
         prefill(m, torch.zeros(1, 5, dtype=torch.long))
     m.setup_step()
-    with pytest.raises(ValueError, match="at least one token"):
+    with pytest.raises(ValueError, match="at least one position"):
         prefill(m, torch.zeros(1, 0, dtype=torch.long))
     with pytest.raises(ValueError, match="integer tensor"):
         prefill(m, torch.zeros(5, dtype=torch.long))

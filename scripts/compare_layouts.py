@@ -167,6 +167,7 @@ def summarise(a, out: Path, plan: dict, ratio: float, step_times: dict | None) -
     from sashimi.model import count_parameters
     results = dict(ratio=ratio, step_times_s=step_times, data=a.data or "synthetic", val_data=a.val_data,
                    date=time.strftime("%Y-%m-%d"), layouts={})
+    excerpts = {}
     gen = generation_speed(out, a.gen_seconds)
     for layout, (steps, _) in plan.items():
         run = out / layout
@@ -188,6 +189,11 @@ def summarise(a, out: Path, plan: dict, ratio: float, step_times: dict | None) -
             eval=dict(bits=ev["bits"], se=ev["bits_se"], L=ev["per_channel"]["L"], R=ev["per_channel"]["R"],
                       excerpts=ev["excerpts"], seconds=ev["seconds"]),
             generation=gen[layout])
+        excerpts[layout] = ev["per_excerpt"]
+    # the same excerpts scored by both models: the paired difference is far tighter than either s.e.
+    diffs = [excerpts["interleave"][k] - excerpts["frames"][k] for k in excerpts["interleave"]]
+    results["paired"] = dict(mean=statistics.mean(diffs), n=len(diffs), frames_better=sum(d > 0 for d in diffs),
+                             se=statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan"))
     (out / "results.json").write_text(json.dumps(results, indent=1))
     return results
 
@@ -206,6 +212,9 @@ def table(results: dict) -> str:
     def line(name, f):
         out.append(f"| {name} | " + " | ".join(f(L[k]) for k in LAYOUTS) + " |")
     line("**held-out NLL, bits/sample (s.e.)**", lambda r: f"**{r['eval']['bits']:.3f}** ({r['eval']['se']:.3f})")
+    P = results["paired"]
+    out.append(f"| held-out NLL, interleave - frames, same excerpts (s.e.) | {P['mean']:+.3f} ({P['se']:.3f}); "
+               f"frames better on {P['frames_better']} of {P['n']} | |")
     line("held-out NLL, L / R", lambda r: f"{r['eval']['L']:.3f} / {r['eval']['R']:.3f}")
     line("trainer's last validation (L / R)",
          lambda r: f"{r['final_val']['bits']:.3f} ({r['final_val']['L']:.3f} / {r['final_val']['R']:.3f})")

@@ -27,6 +27,8 @@ def test_compare_layouts_end_to_end(tmp_path):
         r = results["layouts"][layout]
         assert 0 < r["eval"]["bits"] < 9 and r["generation"]["frames_per_s"] > 0
         assert [c["step"] for c in r["curve"]][-1] == r["steps"]
+    paired = results["paired"]   # both models scored on the same 2 clips
+    assert paired["n"] == 2 and 0 <= paired["frames_better"] <= 2 and abs(paired["mean"]) < 9
     table = (out / "table.md").read_text()
     assert "| **held-out NLL" in table and "frames" in table
     # a rerun does not train again

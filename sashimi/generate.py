@@ -261,14 +261,13 @@ def _generate_steps(sampler, t0, t1, graphs, batch, per_frame, rate, progress):
     """run_steps with a progress bar (samples/s over the batch, real-time factor per stream);
     per_frame: positions per frame (C interleaved, 1 for frames or mono)."""
     from tqdm.auto import tqdm
-    C = per_frame
     bar = tqdm(total=t1 - t0 + 1, disable=not progress, unit="step", dynamic_ncols=True, mininterval=0.5)
     bar.update(1)                                   # the position sampled from the prompt's state
     start = time.perf_counter()
 
     def show(done: int) -> None:                    # host-side counters only: no device sync
         elapsed = max(time.perf_counter() - start, 1e-9)
-        fps = done / C / elapsed                    # frames per second, per stream
+        fps = done / per_frame / elapsed                    # frames per second, per stream
         bar.set_postfix(samples_s=f"{batch * fps:,.0f}", realtime=f"{fps / rate:.3f}x")
         bar.update(done + 1 - bar.n)
 

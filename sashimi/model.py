@@ -109,9 +109,14 @@ class ModelConfig:
         return self.channels if self.frames else 1
 
     @property
+    def samples(self) -> int:
+        """Audio samples (tokens) per training example: seq_len frames x channels."""
+        return self.seq_len * self.channels
+
+    @property
     def l_max(self) -> int:
         """Backbone positions per training example."""
-        return self.seq_len * self.channels // self.step_tokens
+        return self.samples // self.step_tokens
 
     @property
     def pool_factor(self) -> int:
@@ -487,9 +492,7 @@ class SaShiMi(nn.Module):
         self.embedding = nn.Embedding(tables * V, D)
         with torch.no_grad():
             for c in range(tables):  # distinct tables, so that L and R are told apart at init
-                rows = (ordinal_embedding(V, D, seed=c) if cfg.embed_init == "ordinal"
-                        else torch.randn(V, D) * D ** -0.5)
-                self.embedding.weight[c * V:(c + 1) * V] = rows / math.sqrt(tables)
+                self.embedding.weight[c * V:(c + 1) * V] = embedding_init(V, D, cfg.embed_init, c) / math.sqrt(tables)
         self.backbone = Backbone(cfg)
         if cfg.head == "categorical":
             self.head = CategoricalHead(D, V)
@@ -642,8 +645,7 @@ class RightGivenLeft(nn.Module):
         super().__init__()
         self.embedding = nn.Embedding(levels, d)
         with torch.no_grad():
-            self.embedding.weight.copy_(ordinal_embedding(levels, d, seed=7) if embed_init == "ordinal"
-                                        else torch.randn(levels, d) * d ** -0.5)
+            self.embedding.weight.copy_(embedding_init(levels, d, embed_init, seed=7))
         self.block = Residual(d, FeedForward(d, expand))
 
     def forward(self, h: torch.Tensor, left: torch.Tensor, check_tokens: bool = False,
@@ -656,6 +658,13 @@ class RightGivenLeft(nn.Module):
         else:
             e = F.embedding(left.long(), self.embedding.weight)
         return self.block(h + e)
+
+
+def embedding_init(levels: int, d: int, embed_init: str, seed: int = 0) -> torch.Tensor:
+    """A token table's initial rows (levels, d): `ordinal_embedding` (seeded), or N(0, 1/d)."""
+    if embed_init == "ordinal":
+        return ordinal_embedding(levels, d, seed=seed)
+    return torch.randn(levels, d) * d ** -0.5
 
 
 def ordinal_embedding(levels: int, d: int, bandwidth_tokens: float = 3.0, seed: int = 0) -> torch.Tensor:

@@ -259,7 +259,7 @@ def check_batch_fits(cfg: ModelConfig, batch: int, device: torch.device) -> None
     """Refuse a batch whose activations cannot fit: a lower bound (the head's output and its
     gradient, and one fp32 activation and gradient per backbone layer), never an overestimate."""
     head = cfg.levels if cfg.head == "categorical" else 3 * cfg.n_mixtures
-    samples = cfg.seq_len * cfg.channels            # head outputs (both layouts: one per sample)
+    samples = cfg.samples                           # head outputs: one per sample, either layout
     need = batch * 4 * 2 * (samples * head + cfg.l_max * cfg.d_model * cfg.n_layers)
     have = machine_memory(device)
     if have and need > have:
@@ -574,7 +574,7 @@ def _run_locked(args, device, distributed, rank, world, main, out: Path) -> int:
             model_config=dataclasses.replace(model_cfg, kernel_backend="auto").to_dict(),
             train_config=train_cfg.to_dict(), model=model.state_dict(), optimizer=optimizer.state_dict(),
             step=step, rng=checkpoint.rng_state(), data_position=dict(step=step, seed=train_cfg.seed, world_size=world),
-            tokens_seen=step * train_cfg.batch_size * world * model_cfg.seq_len * model_cfg.channels, resumes=resumes),
+            tokens_seen=step * train_cfg.batch_size * world * model_cfg.samples, resumes=resumes),
             keep_previous=True)
 
     if args.threads is not None and args.threads < 1:
@@ -616,7 +616,7 @@ def _run_locked(args, device, distributed, rank, world, main, out: Path) -> int:
     from tqdm.auto import tqdm
     bar = tqdm(total=train_cfg.steps, initial=start_step, disable=not main, unit="step",
                dynamic_ncols=True, mininterval=0.5)
-    tokens_per_step = train_cfg.batch_size * world * model_cfg.seq_len * model_cfg.channels  # samples
+    tokens_per_step = train_cfg.batch_size * world * model_cfg.samples
     log_every = 1 if device.type == "cpu" else train_cfg.log_every
     t0 = time.perf_counter()
     window_t, window_steps = time.perf_counter(), 0

@@ -75,7 +75,8 @@ def make_generation_loop(model: SaShiMi, batch: int, steps: int, seed: int = 0):
     gen = torch.Generator(device=device).manual_seed(seed)
     state = model.default_state(batch)
     zero = Quantizer(model.cfg.quantization, model.cfg.bits).zero_token     # silence
-    shape = (batch, model.cfg.step_tokens) if model.cfg.frames else (batch,)   # a frame, or a token
+    k = model.cfg.step_tokens
+    shape = (batch, k) if k > 1 else (batch,)   # a frame, or a token
     carry = dict(token=torch.full(shape, zero, dtype=torch.long, device=device), t=0)
     loglik = torch.zeros(batch, dtype=torch.float64, device=device)
 
@@ -184,7 +185,7 @@ def test_bench_prefill_2s_prompt(benchmark, bench_size, channels):
     model = make_model(preset, C, "cuda", stereo_layout=LAYOUTS.get(channels, "interleave"))
     frames = 2 * model.cfg.sample_rate
     T = frames * C
-    shape = (1, frames, C) if model.cfg.frames else (1, T)
+    shape = (1, frames, C) if model.cfg.step_tokens > 1 else (1, T)
     prompt = torch.randint(0, model.cfg.levels, shape, device="cuda")
     with torch.no_grad():
         p50 = run(benchmark, lambda: prefill(model, prompt), op="prefill", direction="fwd",

@@ -92,56 +92,44 @@ def load_model(path) -> tuple[SaShiMi, str]:
     return model, payload.get("sha256") or checkpoint.content_hash(payload)
 
 
-def _distribution(model: SaShiMi, out: torch.Tensor) -> np.ndarray:
-    """float64 probabilities (B, levels) of the next token from the head output (B, ...)."""
-    if model.cfg.head == "categorical":
-        return torch.softmax(out.double(), -1).numpy()
-    # the discretised logistic mixture: bin k gets sum_j w_j (sigmoid((e_k+1 - mu_j)/s_j) -
-    # sigmoid((e_k - mu_j)/s_j)), the outer edges at -inf / +inf (as DMLHead.log_prob)
-    head, V = model.head, model.cfg.levels
-    logit_w, mean, log_s = (t.double() for t in head._split(out))
-    half = 1.0 / (V - 1)
-    edges = torch.linspace(-1.0 - half, 1.0 + half, V + 1, dtype=torch.float64)
-    cdf = torch.sigmoid((edges[None, None, :] - mean[..., None]) * torch.exp(-log_s)[..., None])
-    cdf[..., 0], cdf[..., -1] = 0.0, 1.0
-    p = (torch.softmax(logit_w, -1)[..., None] * cdf.diff(dim=-1)).sum(1)
-    return (p / p.sum(-1, keepdim=True)).numpy()
-
-
 class _Stepper:
-    """The recurrent model over a batch of chunks, one token (in interleaved order) per call,
-    starting from one frame of silence (as generation does). Both sides of the codec run exactly
-    this. With the frames layout a backbone step runs once per frame (after its R token); an L
-    token gives R's distribution from the same backbone output (R | L)."""
+    """The recurrent model over a batch of chunks, one model token per call in the layout's
+    order (`Layout.positions`), starting from one frame of silence (as generation does). Both
+    sides of the codec run exactly this. A backbone step runs once per position (after its last
+    token); the tokens of a position are predicted in turn from the same step output, each
+    given the ones before it (the layout's `head_output`)."""
 
     def __init__(self, model: SaShiMi, batch: int):
-        self.model, self.C = model, model.cfg.channels
-        self.zero = Quantizer(model.cfg.quantization, model.cfg.bits).zero_token
+        self.model, self.layout = model, model.layout
+        self.k, self.heads = self.layout.step_tokens, self.layout.heads(model)
         model.setup_step()
         self.state = model.default_state(batch)
         self.t = 0                      # backbone steps run
-        self.frame: list[torch.Tensor] = []   # the current frame's tokens so far (frames layout)
-        self.h = None                   # the last backbone output (frames layout)
-        self.out = None
-        for _ in range(self.C):  # the silence frame; its last output predicts the first token
-            self.feed(torch.full((batch,), self.zero, dtype=torch.long))
+        self.position: list[torch.Tensor] = []   # the current position's tokens so far
+        self.step_out = None            # the last step output
+        self.out = None                 # the head output of the next token
+        self.j = 0                      # which token of its position the next one is
+        silence = self.layout.to_model(torch.full((batch, model.cfg.channels), model.cfg.quantizer.zero_token))
+        for c in range(silence.shape[1]):  # the silence frame; its last output predicts the first token
+            self.feed(silence[:, c])
 
     def feed(self, tokens: torch.Tensor) -> None:
-        if not self.model.cfg.frames:
-            self.out = self.model.step(tokens, self.state, self.t)
-            self.t += 1
+        self.position.append(tokens)
+        if len(self.position) < self.k:    # the next token is of the same position, given these
+            self.j = len(self.position)
+            given = torch.stack(self.position, -1)
+            self.out = None if self.step_out is None else \
+                self.layout.head_output(self.model, self.step_out, self.j, given)
             return
-        self.frame.append(tokens)
-        if len(self.frame) < self.C:    # L of a frame: R's head output given that L
-            self.out = None if self.h is None else self.model.head_outputs(self.h, tokens)
-            return
-        self.h = self.model.step(torch.stack(self.frame, 1), self.state, self.t)
+        cur = self.position[0] if self.k == 1 else torch.stack(self.position, 1)
+        self.step_out = self.model.step(cur, self.state, self.t)
         self.t += 1
-        self.frame = []
-        self.out = self.model.head_outputs(self.h)
+        self.position, self.j = [], 0
+        self.out = self.layout.head_output(self.model, self.step_out, 0)
 
     def probabilities(self) -> np.ndarray:
-        return _distribution(self.model, self.out)
+        """float64 probabilities (B, levels of the next token) from its head."""
+        return self.heads[self.j].probabilities(self.out).numpy()
 
 
 @dataclass
@@ -175,21 +163,23 @@ def _one_thread():
 @torch.no_grad()
 def encode_tokens(model: SaShiMi, tokens: torch.Tensor, chunk_frames: int, progress: bool = False):
     """tokens (frames, C) -> (list of uint32 arrays, one per chunk; model NLL in bits per
-    channel, (C,))."""
+    channel of the model (its layout's channel_names), (C,))."""
     import constriction
     frames, C = tokens.shape
     chunks = Chunking(frames, chunk_frames)
     B, T = chunks.count, min(frames, chunk_frames) * C
-    zero = Quantizer(model.cfg.quantization, model.cfg.bits).zero_token
-    batch = torch.full((B, T), zero, dtype=torch.long)
+    batch = _silence(model, B, T)
+    layout = model.layout
     for i in range(B):
         n = chunks.length(i)
-        batch[i, : n * C] = tokens[i * chunk_frames: i * chunk_frames + n].reshape(-1)
-    probs = np.empty((B, T, model.cfg.levels), dtype=np.float64)
+        # the model's tokens frame by frame: the order in which the layout's positions hold them
+        batch[i, : n * C] = layout.to_model(tokens[i * chunk_frames: i * chunk_frames + n]).reshape(-1)
+    probs = np.zeros((B, T, _most_levels(model)), dtype=np.float64)
     with _one_thread():
         stepper = _Stepper(model, B)
         for t in _progress(range(T), progress, "encoding"):
-            probs[:, t] = stepper.probabilities()
+            p = stepper.probabilities()
+            probs[:, t, :p.shape[1]] = p
             stepper.feed(batch[:, t])
     family = constriction.stream.model.Categorical(perfect=False)
     streams, nll = [], np.zeros(C)
@@ -214,18 +204,30 @@ def decode_tokens(model: SaShiMi, streams: list[np.ndarray], chunks: Chunking, p
     family = constriction.stream.model.Categorical(perfect=False)
     decoders = [constriction.stream.queue.RangeDecoder(s) for s in streams]
     lengths = [chunks.length(i) * C for i in range(B)]
-    zero = Quantizer(model.cfg.quantization, model.cfg.bits).zero_token
-    out = torch.full((B, T), zero, dtype=torch.long)
+    out = _silence(model, B, T)
     with _one_thread():
         stepper = _Stepper(model, B)
         for t in _progress(range(T), progress, "decoding"):
             p = stepper.probabilities()
+            p = np.pad(p, ((0, 0), (0, _most_levels(model) - p.shape[1])))
             for i in range(B):
                 if t < lengths[i]:
                     out[i, t] = int(decoders[i].decode(family, p[i:i + 1])[0])
             stepper.feed(out[:, t])
-    parts = [out[i, :lengths[i]].view(-1, C) for i in range(B)]
+    parts = [model.layout.from_model(out[i, :lengths[i]].view(-1, C)) for i in range(B)]
     return torch.cat(parts)
+
+
+def _silence(model: SaShiMi, batch: int, tokens: int) -> torch.Tensor:
+    """(batch, tokens) of the model's tokens of silent frames (what pads a short chunk)."""
+    C = model.cfg.channels
+    frame = model.layout.to_model(torch.full((1, C), model.cfg.quantizer.zero_token, dtype=torch.long))
+    return frame.repeat(batch, tokens // C)
+
+
+def _most_levels(model: SaShiMi) -> int:
+    """The coder's alphabet: the largest grid of the model's tokens (the others are padded)."""
+    return max(model.layout.levels(j) for j in range(model.layout.step_tokens))
 
 
 def _progress(it, enabled: bool, what: str):
@@ -304,7 +306,7 @@ def compress(checkpoint_path, in_path, out_path, chunk_seconds: float = 1.0, pro
         raise CodecError(f"--chunk-seconds must be a finite number > 0, got {chunk_seconds!r}")
     model, digest = load_model(checkpoint_path)
     cfg = model.cfg
-    quantizer = Quantizer(cfg.quantization, cfg.bits)
+    quantizer = cfg.quantizer
     audio, info = read_input(in_path, cfg.sample_rate, cfg.channels)
     exact = cfg.bits == 16 and cfg.quantization == "linear" and info["subtype"] in ("PCM_16", "PCM_S8", "PCM_U8")
     if not exact:
@@ -361,7 +363,7 @@ def decompress(checkpoint_path, in_path, out_path, progress: bool = True, say=pr
         if token_crc(tokens[i * chunks.chunk_frames: (i + 1) * chunks.chunk_frames]) != chunk["tokens_crc32"]:
             raise CodecError(f"{in_path}: chunk {i + 1} decoded to other samples than were encoded: this machine "
                              f"computes the model's probabilities differently from the encoder's; nothing was written")
-    pcm = restored_pcm16(Quantizer(cfg.quantization, cfg.bits), tokens)
+    pcm = restored_pcm16(cfg.quantizer, tokens)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     sf.write(str(tmp), pcm, cfg.sample_rate, subtype="PCM_16", format="WAV")

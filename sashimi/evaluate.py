@@ -37,7 +37,6 @@ from sashimi import checkpoint
 from sashimi.cli import UserError, check_out_dir, resolve_device, run_cli
 from sashimi.model import LN2, ModelConfig, SaShiMi
 from sashimi.prefill import prefill
-from sashimi.quantize import Quantizer
 from sashimi.s4 import S4Layer
 
 SYNTHETIC_SEED = 7_000_003   # the evaluation clips of `--data synthetic` (training uses seeds 0..)
@@ -127,15 +126,16 @@ def score_continuous(model: SaShiMi, tokens: torch.Tensor, block: int = 128) -> 
     B, T, C = tokens.shape
     if any(m.step_factors() is None for m in model.modules() if isinstance(m, S4Layer)):
         model.setup_step()            # (evaluate() sets it up once; call again after weight changes)
-    zero = Quantizer(model.cfg.quantization, model.cfg.bits).zero_token
+    layout = model.layout
+    zero = model.cfg.quantizer.zero_token
     frames = torch.cat([torch.full((B, 1, C), zero, dtype=torch.long, device=tokens.device),
                         tokens.long()], 1)
-    # positions: frames (frames layout) or interleaved tokens; the outputs after the silent frame's
-    # last position on predict the excerpt
-    k = model.cfg.step_tokens
-    seq = frames.view(B, (T + 1) * C // k, k)
-    prompt = seq[:, :-1] if model.cfg.frames else seq[:, :-1, 0]
-    _, out = prefill(model, prompt, block=block, return_all=True)
+    # the layout's positions; the outputs after the silent frame's last position on predict
+    # the excerpt
+    k = layout.step_tokens
+    positions = layout.positions(layout.to_model(frames))
+    _, out = prefill(model, positions[:, :-1], block=block, return_all=True)
+    seq = positions.view(B, -1, k)
     skip = C // k - 1
     nll = -model.log_prob_next(out[:, skip:], seq[:, skip + 1:]) / LN2
     return nll.double().reshape(B, T, C)
@@ -177,7 +177,7 @@ def evaluate(model: SaShiMi, excerpts: list[Excerpt], by_position: bool, block: 
              progress: bool = True) -> dict:
     """Score every excerpt; returns per-excerpt and by-position results (numpy arrays)."""
     cfg = model.cfg
-    quantizer = Quantizer(cfg.quantization, cfg.bits)
+    quantizer = cfg.quantizer
     device = model.embedding.weight.device
     model.setup_step()
     cont, wind = [], []
@@ -195,15 +195,16 @@ def evaluate(model: SaShiMi, excerpts: list[Excerpt], by_position: bool, block: 
     return dict(continuous=cont, windows=wind if by_position else None)
 
 
-def channel_names(C: int) -> list[str]:
-    return ["L", "R"] if C == 2 else ["mono"]
+def channel_names(cfg: ModelConfig) -> list[str]:
+    """The channels the model predicts (its layout's: L, R; M, S; mono)."""
+    return cfg.layout.channel_names
 
 
 def summarise(cfg: ModelConfig, excerpts: list[Excerpt], scores: dict) -> dict:
     """Overall and per-channel means (over all samples) and their standard errors (over
     excerpts), and the NLL by position."""
     C, sr, W = cfg.channels, cfg.sample_rate, cfg.seq_len
-    names = channel_names(C)
+    names = channel_names(cfg)
     cont = scores["continuous"]
     per_excerpt = np.array([c.mean() for c in cont])
     weights = np.array([c.shape[0] for c in cont], dtype=np.float64)
@@ -256,8 +257,7 @@ def summarise(cfg: ModelConfig, excerpts: list[Excerpt], scores: dict) -> dict:
 # --------------------------------------------------------------------------------------------
 # output
 # --------------------------------------------------------------------------------------------
-def format_table(summary: dict, channels: int) -> str:
-    names = channel_names(channels)
+def format_table(summary: dict, names: list[str]) -> str:
     head = f"{'position (s)':>15} {'continuous':>10} {'windows':>8} {'gap':>7} " + \
            " ".join(f"{'cont ' + nm:>7}" for nm in names)
     lines = [head]
@@ -277,7 +277,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
             w.writerow({k: (f"{v:.5f}" if isinstance(v, float) else v) for k, v in r.items()})
 
 
-def plot(path: Path, summary: dict, channels: int, title: str) -> None:
+def plot(path: Path, summary: dict, names: list[str], title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -286,8 +286,8 @@ def plot(path: Path, summary: dict, channels: int, title: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     ax.plot(x, [r["continuous"] for r in rows], "-", color="C0", lw=2, label="continuous (what generation sees)")
     ax.plot(x, [r["windows"] for r in rows], "-", color="C2", lw=2, label="fresh training-length windows")
-    if channels == 2:
-        for nm, style in (("L", ":"), ("R", "--")):
+    if len(names) == 2:
+        for nm, style in zip(names, (":", "--")):
             ax.plot(x, [r[f"continuous_{nm}"] for r in rows], style, color="C0", lw=1, label=f"continuous, {nm}")
     W = summary["training_window_frames"] / summary["checkpoint_config"]["sample_rate"]
     ax.axvline(W, color="k", lw=0.8, ls="--", label=f"training window ({W * 1000:.0f} ms)")
@@ -344,20 +344,20 @@ def run(args) -> int:
     summary = summarise(cfg, excerpts, scores)
     summary["data"] = args.data
     summary["eval_seconds"] = time.perf_counter() - t0
-    names = channel_names(cfg.channels)
+    names = channel_names(cfg)
     print(f"{summary['excerpts']} excerpts, {summary['seconds']:.1f} s of audio, "
           f"training window {cfg.seq_len} frames ({cfg.seq_len / cfg.sample_rate * 1000:.0f} ms)")
     print(f"NLL {summary['bits']:.3f} bits/sample (s.e. {summary['bits_se']:.3f} over excerpts); "
           + ", ".join(f"{nm} {summary['per_channel'][nm]:.3f}" for nm in names))
     if args.by_position:
-        print(format_table(summary, cfg.channels))
+        print(format_table(summary, names))
         if "last_second_gap" in summary:
             print(f"in-window (first {cfg.seq_len} frames) {summary['in_window_bits']:.3f}; last second: "
                   f"continuous {summary['last_second_bits']:.3f} vs fresh windows "
                   f"{summary['last_second_windows_bits']:.3f} (gap {summary['last_second_gap']:+.3f})")
         write_csv(out / "nll_by_position.csv", summary["by_position_fine"])
         try:
-            plot(out / "nll_by_position.png", summary, cfg.channels,
+            plot(out / "nll_by_position.png", summary, names,
                  f"{Path(args.checkpoint).name}: {args.data} ({summary['excerpts']} excerpts)")
             print(f"wrote {out / 'nll_by_position.csv'}, {out / 'nll_by_position.png'}")
         except ImportError:   # matplotlib comes with the [dev] extra (scripts/setup.sh installs it)

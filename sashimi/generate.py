@@ -1,8 +1,8 @@
 """Sample audio from a trained SaShiMi: `python -m sashimi.generate --checkpoint RUN/checkpoint.pt`.
 
 The model runs as a recurrence, one position at a time (the exact step of every module,
-`SaShiMi.step`): one interleaved token, or with the frames stereo layout one frame (L sampled
-first, then R given L: two head samples per backbone step), sampling from its head with
+`SaShiMi.step`): one position of the stereo layout (one interleaved token, or a whole frame:
+its channels sampled in turn, e.g. R given L, several head samples per backbone step), sampling from its head with
 temperature / top-p (categorical) or from the logistic mixture (DML), and accumulating each
 sample's exact log-likelihood. The sample rate, bit depth, quantisation, channel count and
 stereo layout come from the checkpoint. Stereo is written as (frames, 2) 16-bit PCM WAV.
@@ -71,7 +71,7 @@ class StepSampler:
     """One generation step on static buffers: the unit that is captured in a CUDA graph.
 
     step(phase): out = model.step(cur, state, phase); (tokens, logp) = model.sample_next(out, ...)
-    (one token, or a frame's two for the frames layout); cur <- tokens; position `pos` of
+    (one token, or a frame's channels when a position is a frame); cur <- tokens; position `pos` of
     `tokens` <- tokens, with `pos` a DEVICE tensor incremented in place; loglik += logp. Nothing is read back to the host and every buffer is allocated once, so the
     same function runs eagerly (CPU, --no-cuda-graphs) and under CUDA graph capture.
     `phase` = t mod prod(pool): what a step runs depends only on it (Backbone.phases), so
@@ -84,10 +84,10 @@ class StepSampler:
         self.model, self.state, self.tokens, self.loglik = model, state, tokens, loglik
         self.temperature, self.top_p, self.generator = temperature, top_p, generator
         self.period = model.cfg.pool_factor
-        self.k = model.cfg.step_tokens                 # tokens per position: 1, or C (frames)
+        self.k = model.layout.step_tokens              # tokens per position
         B = tokens.shape[0]
-        # the last position's tokens: (B,) interleaved, (B, C) a frame
-        self.cur = torch.zeros((B, self.k) if model.cfg.frames else (B,), dtype=torch.long, device=device)
+        # the last position's tokens: (B,) one token, (B, k) a frame
+        self.cur = torch.zeros((B, self.k) if self.k > 1 else (B,), dtype=torch.long, device=device)
         self.pos = torch.full((1,), pos, dtype=torch.long, device=device)          # where it goes (positions)
 
     def sample(self, out: torch.Tensor) -> None:
@@ -206,14 +206,16 @@ def generate_audio(model: SaShiMi, frames: int, batch: int, quantizer: Quantizer
     elif cuda_graphs and device.type != "cuda":
         raise ValueError(f"cuda_graphs=True needs a model on a CUDA device, got {device}")
     gen = torch.Generator(device=device).manual_seed(seed)
+    layout = model.layout
     if prompt is not None:
-        prompt_tokens = quantizer.encode(prompt.to(device)).reshape(-1)            # interleaved
+        prompt_tokens = layout.to_model(quantizer.encode(prompt.to(device))).reshape(-1)   # frame by frame
         start = prompt_tokens.expand(batch, -1)
         emit_prompt = True
     else:
-        start = torch.full((batch, C), quantizer.zero_token, dtype=torch.long, device=device)
+        silence = torch.full((1, C), quantizer.zero_token, dtype=torch.long, device=device)
+        start = layout.to_model(silence).expand(batch, C)
         emit_prompt = False
-    k = cfg.step_tokens                              # tokens per position (frames: C)
+    k = layout.step_tokens                           # tokens per position
     n_prompt = start.shape[1]
     n_total = frames * C + (0 if emit_prompt else C)
     if n_prompt > n_total:
@@ -230,7 +232,7 @@ def generate_audio(model: SaShiMi, frames: int, batch: int, quantizer: Quantizer
         if n_prompt < n_total:
             model.setup_step()
             # the prompt is the same for every sample: consume it once, copy the state
-            positions = start[:1].view(1, -1, C) if cfg.frames else start[:1]
+            positions = layout.positions(start[:1].view(1, -1, C))
             state, out = _consume_prompt(model, positions, use_prefill)
             state = _broadcast_state(state, model.default_state(batch))
             sampler = StepSampler(model, state, tokens, loglik, n_prompt // k, temperature, top_p, gen)
@@ -253,7 +255,7 @@ def generate_audio(model: SaShiMi, frames: int, batch: int, quantizer: Quantizer
         model.train(was_training)
     if not emit_prompt:
         tokens = tokens[:, C:]
-    audio = quantizer.decode(tokens.view(batch, -1, C)).float().cpu()
+    audio = quantizer.decode(layout.from_model(tokens.view(batch, -1, C))).float().cpu()
     return audio, (loglik / math.log(2)).cpu()
 
 
@@ -377,7 +379,7 @@ def run(args) -> int:
     if frames < 1:
         raise UserError(f"--seconds {args.seconds} is less than one sample at {cfg.sample_rate} Hz")
     check_batch_fits(model, args.batch, frames, device)
-    quantizer = Quantizer(cfg.quantization, cfg.bits)
+    quantizer = cfg.quantizer
     prompt = None
     if args.prompt:
         from sashimi.data import DataError, read_audio

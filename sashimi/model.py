@@ -1,19 +1,10 @@
 """SaShiMi for mono and stereo audio: encoder, backbone, heads, and the recurrent step.
 
-Two stereo layouts (`ModelConfig.stereo_layout`):
-
-- interleave (default; mono is this layout with C = 1): tokens (B, L, C)
-  --kernels.embed_interleave--> (B, L*C, D) --backbone--> head --> loss. Stereo is one
-  interleaved sequence L0 R0 L1 R1 ...: the backbone is the same for C = 1 and 2, only its
-  length (l_max = seq_len * C) changes. Output position i predicts interleaved token i + 1, so
-  the target of position i belongs to channel (i + 1) % C.
-- frames (stereo only): tokens (B, L, 2) --kernels.embed_frames--> (B, L, D), one position per
-  frame (a joint embedding of (L_t, R_t)) --backbone--> h_t. The head predicts L_{t+1} from h_t
-  and R_{t+1} from h_t plus L_{t+1} (`RightGivenLeft`: teacher-forced in training, sampled
-  first in generation), so R still conditions on L of the same instant. Half the positions of
-  interleave: half the backbone work per second of audio, half the generation steps.
-
-Either way the losses are reported overall and per channel.
+tokens --layout (embedding)--> backbone --> head --> loss, and back out through the
+recurrent step. How frames of audio become positions (and which token the head predicts from
+what) is the stereo layout's (`sashimi.layouts`, named by `ModelConfig.stereo_layout`): the
+model asks `self.layout` and never which layout it is. The losses are reported overall and
+per channel.
 
 Every module has `forward` (convolutional, training) and `step` (recurrent, generation) with
 `default_state(batch)`; `SaShiMi.setup_step()` prepares the recurrence once.
@@ -30,6 +21,7 @@ from torch import nn
 
 import kernels
 from kernels.profiling import nvtx_range
+from sashimi.quantize import Quantizer
 from sashimi.s4 import S4Layer
 
 LN2 = math.log(2.0)
@@ -58,7 +50,7 @@ class ModelConfig:
     head: str = "categorical"
     n_mixtures: int = 10
     tie_weights: bool = False
-    stereo_layout: str = "interleave"  # or "frames" (stereo only): one position per frame
+    stereo_layout: str = "interleave"  # a name in sashimi.layouts.LAYOUTS (docs/layouts.md)
     embed_init: str = "ordinal"    # "ordinal" (amplitude-aware, see ordinal_embedding) or "normal"
     kernel_backend: str = "auto"
 
@@ -77,12 +69,13 @@ class ModelConfig:
             problems.append(f"embed_init must be 'ordinal' or 'normal', got {self.embed_init!r}")
         if self.tie_weights and self.head != "categorical":
             problems.append("weight tying needs the categorical head")
-        if self.stereo_layout not in ("interleave", "frames"):
-            problems.append(f"stereo_layout must be 'interleave' or 'frames', got {self.stereo_layout!r}")
-        elif self.stereo_layout == "frames" and self.channels != 2:
-            problems.append("stereo_layout 'frames' needs stereo (channels=2: train --stereo)")
-        elif self.stereo_layout == "frames" and self.tie_weights:
-            problems.append("weight tying needs the interleave layout (frames has one table per channel)")
+        from sashimi.layouts import LAYOUTS, layout_class   # the layouts build on this module
+        layout = layout_class(self)
+        if layout is None:
+            problems.append(f"stereo_layout must be one of {', '.join(map(repr, LAYOUTS))}, "
+                            f"got {self.stereo_layout!r}")
+        else:
+            problems += layout.problems(self)
         for name in ("d_model", "n_layers", "expand", "ff", "d_state", "seq_len", "sample_rate", "n_mixtures"):
             value, least = getattr(self, name), 0 if name == "ff" else 1  # ff = 0: no feed-forward blocks
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -92,21 +85,27 @@ class ModelConfig:
         if problems:
             raise ValueError("; ".join(problems))
         if self.l_max % self.pool_factor:
-            what = "seq_len" if self.frames else "seq_len x channels"
+            what = "seq_len x channels" if self.step_tokens < self.channels else "seq_len"
             problems.append(f"{what} = {self.l_max} must be a multiple of the total pooling "
                             f"factor {self.pool_factor} (pool={list(self.pool)})")
         if problems:
             raise ValueError("; ".join(problems))
 
     @property
-    def frames(self) -> bool:
-        """The frames stereo layout (one backbone position per frame)."""
-        return self.stereo_layout == "frames"
+    def layout(self):
+        """The stereo layout object (`sashimi.layouts`): frames <-> positions, embedding, schedule."""
+        from sashimi.layouts import layout_for
+        return layout_for(self)
+
+    @property
+    def quantizer(self) -> Quantizer:
+        """The token map of the model's audio (bits, quantization)."""
+        return Quantizer(self.quantization, self.bits)
 
     @property
     def step_tokens(self) -> int:
-        """Tokens consumed (and generated) per backbone position: 1 (interleave), C (frames)."""
-        return self.channels if self.frames else 1
+        """Tokens consumed (and generated) per backbone position (the layout's)."""
+        return self.layout.step_tokens
 
     @property
     def samples(self) -> int:
@@ -116,7 +115,7 @@ class ModelConfig:
     @property
     def l_max(self) -> int:
         """Backbone positions per training example."""
-        return self.samples // self.step_tokens
+        return self.layout.positions_per_example
 
     @property
     def pool_factor(self) -> int:
@@ -432,6 +431,10 @@ class CategoricalHead(nn.Module):
         token = (logits - torch.log(-torch.log(u))).argmax(-1)
         return token, logp_model.gather(-1, token[:, None]).squeeze(-1)
 
+    def probabilities(self, out: torch.Tensor) -> torch.Tensor:
+        """float64 probabilities (..., levels) of every token (what a coder needs)."""
+        return torch.softmax(out.double(), -1)
+
 
 class DMLHead(nn.Module):
     """Discretised mixture of logistics over the token grid mapped to [-1, 1] (PixelCNN++)."""
@@ -478,6 +481,18 @@ class DMLHead(nn.Module):
         token = torch.round((x + 1.0) / 2.0 * (self.levels - 1)).long()
         return token, self.log_prob(out, token)
 
+    def probabilities(self, out: torch.Tensor) -> torch.Tensor:
+        """float64 probabilities (..., levels) of every token: bin k gets sum_j w_j
+        (sigmoid((e_k+1 - mu_j)/s_j) - sigmoid((e_k - mu_j)/s_j)), the outer edges at -inf / +inf
+        (as log_prob), renormalised."""
+        logit_w, mean, log_s = (t.double() for t in self._split(out))
+        half = 1.0 / (self.levels - 1)
+        edges = torch.linspace(-1.0 - half, 1.0 + half, self.levels + 1, dtype=torch.float64, device=out.device)
+        cdf = torch.sigmoid((edges - mean[..., None]) * torch.exp(-log_s)[..., None])
+        cdf[..., 0], cdf[..., -1] = 0.0, 1.0
+        p = (torch.softmax(logit_w, -1)[..., None] * cdf.diff(dim=-1)).sum(-2)
+        return p / p.sum(-1, keepdim=True)
+
 
 # --------------------------------------------------------------------------------------------
 # the model
@@ -486,13 +501,9 @@ class SaShiMi(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        self.layout = cfg.layout
         V, D = cfg.levels, cfg.d_model
-        # frames: one table per channel, rows [c V, (c + 1) V) (kernels.embed_frames sums them)
-        tables = cfg.channels if cfg.frames else 1
-        self.embedding = nn.Embedding(tables * V, D)
-        with torch.no_grad():
-            for c in range(tables):  # distinct tables, so that L and R are told apart at init
-                self.embedding.weight[c * V:(c + 1) * V] = embedding_init(V, D, cfg.embed_init, c) / math.sqrt(tables)
+        self.layout.build(self)            # the embedding (and any head input of its own)
         self.backbone = Backbone(cfg)
         if cfg.head == "categorical":
             self.head = CategoricalHead(D, V)
@@ -500,73 +511,30 @@ class SaShiMi(nn.Module):
                 self.head.linear.weight = self.embedding.weight
         else:
             self.head = DMLHead(D, V, cfg.n_mixtures)
-        self.right = RightGivenLeft(D, V, max(cfg.ff, 1), cfg.embed_init) if cfg.frames else None
 
     def encode(self, tokens: torch.Tensor, check_tokens: bool = True) -> torch.Tensor:
-        """tokens (B, L, C) -> the backbone's input: interleaved embeddings (B, L*C, D), one
-        fused op for C = 1 and 2, or (frames) one joint embedding per frame (B, L, D).
-        check_tokens=False skips the range check (a host sync on CUDA) for callers that have
-        validated the tokens already, as the trainer does on the CPU side of the loader."""
+        """tokens (B, L, C) -> the backbone's input (B, positions, D), as the layout embeds
+        them. check_tokens=False skips the range check (a host sync on CUDA) for callers that
+        have validated the tokens already, as the trainer does on the CPU side of the loader."""
         with nvtx_range("sashimi/model/encoder"):
-            # fp32 out even under bf16 autocast: it starts the residual stream, which stays fp32
-            # under torch.use_deterministic_algorithms (train --deterministic) the backward
-            # sums in a fixed order instead of with atomics
-            op = kernels.embed_frames if self.cfg.frames else kernels.embed_interleave
-            return op(tokens, self.tables(), check=check_tokens,
-                      deterministic=torch.are_deterministic_algorithms_enabled(),
-                      backend=self.cfg.kernel_backend)
-
-    def tables(self) -> torch.Tensor:
-        """The embedding as its op takes it: (V, D), or (C, V, D) for frames."""
-        w = self.embedding.weight
-        return w.view(self.cfg.channels, self.cfg.levels, -1) if self.cfg.frames else w
+            return self.layout.encode(self, tokens, check_tokens)
 
     def forward(self, tokens: torch.Tensor, check_tokens: bool = True,
                 next_left: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (B, L, C) -> head output. interleave: (B, L*C, V or 3*n_mixtures), position i
-        predicts interleaved token i + 1. frames: (B, L, 2, ...), the outputs for L_{t+1} and
-        R_{t+1} of frame t + 1; needs next_left (B, L), the left tokens of frames 1..L (the
-        right channel's head conditions on them)."""
+        """tokens (B, L, C) -> head outputs (the layout's: interleave (B, L*C, V or
+        3*n_mixtures), position i predicts interleaved token i + 1; a frame per position
+        (B, L, C, ...), the outputs for frame t + 1, given next_left (B, L): the model's first
+        channel of frames 1..L, on which the second channel's head conditions)."""
         if tokens.dim() != 3 or tokens.shape[-1] != self.cfg.channels:
             raise ValueError(f"tokens must be (batch, frames, {self.cfg.channels}), got {tuple(tokens.shape)}")
         h = self.backbone(self.encode(tokens, check_tokens))
         with nvtx_range("sashimi/model/head"):
-            if not self.cfg.frames:
-                return self.head(h)
-            if next_left is None or next_left.shape != tokens.shape[:2]:
-                raise ValueError(f"the frames layout needs next_left {tuple(tokens.shape[:2])} (the left "
-                                 f"channel of the next frames), got "
-                                 f"{None if next_left is None else tuple(next_left.shape)}")
-            right = self.right(h, next_left, check_tokens, self.cfg.kernel_backend)
-            return torch.stack([self.head(h), self.head(right)], 2)
+            return self.layout.forward(self, h, next_left, check_tokens)
 
     def nll_bits(self, batch: torch.Tensor, check_tokens: bool = True) -> torch.Tensor:
         """batch: tokens (B, L + 1, C). Returns the NLL of every target, in bits, (B, L*C), in
-        interleaved order: interleave: target i is interleaved token i + 1, of channel
-        (i + 1) % C; frames: target 2t + c is channel c of frame t + 1."""
-        B, L1, C = batch.shape
-        L = L1 - 1
-        if self.cfg.frames:
-            targets = batch[:, 1:]
-            out = self(batch[:, :L], check_tokens, next_left=targets[..., 0])
-            with nvtx_range("sashimi/model/loss"):
-                return (-self.head.log_prob(out, targets) / LN2).reshape(B, L * C)
-        out = self(batch[:, :L], check_tokens)
-        targets = batch.reshape(B, L1 * C)[:, 1: L * C + 1]
-        with nvtx_range("sashimi/model/loss"):
-            return -self.head.log_prob(out, targets) / LN2
-
-    @staticmethod
-    def per_channel(nll: torch.Tensor, channels: int, frames: bool = False) -> list[torch.Tensor]:
-        """Split (B, L*C) target NLLs (from nll_bits) by the target's channel: [left, right]
-        (or [mono]). frames: the cfg.frames of the model that scored them."""
-        if channels == 1:
-            return [nll]
-        B, T = nll.shape
-        by_target = nll.view(B, T // channels, channels)
-        if not frames:  # interleave: position i predicts channel (i + 1) % C
-            by_target = torch.roll(by_target, shifts=1, dims=2)
-        return list(by_target.unbind(2))
+        the layout's target order (`self.layout.per_channel` splits it by channel)."""
+        return self.layout.nll_bits(self, batch, check_tokens)
 
     # -- generation -------------------------------------------------------------------------
     @torch.no_grad()
@@ -583,81 +551,40 @@ class SaShiMi(nn.Module):
         return self.backbone.default_state(batch, device)
 
     def embed_steps(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The backbone input of positions, for the recurrence and prefill: interleaved tokens
-        (...,) -> (..., D), or frames (..., C) -> (..., D). No range check (graph-capturable)."""
-        if not self.cfg.frames:
-            return F.embedding(tokens.long(), self.embedding.weight)
-        offsets = torch.arange(self.cfg.channels, device=tokens.device) * self.cfg.levels
-        return F.embedding(tokens.long() + offsets, self.embedding.weight).sum(-2)
+        """The backbone input of positions (the layout's: one token (...,) or a frame
+        (..., C)) -> (..., D), for the recurrence and prefill. No range check (graph-capturable)."""
+        return self.layout.embed_steps(self, tokens)
 
     def step(self, token: torch.Tensor, state, t: int) -> torch.Tensor:
         """Position t -> the step output that the next position's tokens are drawn from (see
         sample_next / log_prob_next). `state` (from default_state) is updated in place.
-        interleave: token t (B,) -> head output for token t + 1 (B, V or 3*n_mixtures).
-        frames: frame t (B, C) -> the backbone output h_t (B, D) (R's head input depends on
-        the L sampled from it)."""
-        h = self.backbone.step(self.embed_steps(token), state, t)
-        return h if self.cfg.frames else self.head(h)
+        One token per position: token t (B,) -> head output for token t + 1; a frame per
+        position: frame t (B, C) -> the backbone output h_t (B, D) (the second channel's head
+        input depends on the first, sampled from it)."""
+        return self.step_output(self.backbone.step(self.embed_steps(token), state, t))
 
     def step_output(self, h: torch.Tensor) -> torch.Tensor:
         """What `step` returns for backbone outputs h (..., D) (prefill's `out`)."""
-        return h if self.cfg.frames else self.head(h)
+        return self.layout.step_output(self, h)
 
     @torch.no_grad()
     def sample_next(self, out: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The next position's tokens (B, step_tokens) sampled from a step output (B, ...), and
-        their exact natural-log probability under the model (B,). frames: L first, then R
-        given that L."""
-        sample = self.head.sample
-        if not self.cfg.frames:
-            token, logp = sample(out, temperature, top_p, generator=generator)
-            return token[:, None], logp
-        left, lp_left = sample(self.head(out), temperature, top_p, generator=generator)
-        right, lp_right = sample(self.head(self.right(out, left)), temperature, top_p, generator=generator)
-        return torch.stack([left, right], 1), lp_left + lp_right
+        their exact natural-log probability under the model (B,), each channel given the ones
+        the layout predicts before it."""
+        return self.layout.sample_next(self, out, temperature, top_p, generator)
 
     def log_prob_next(self, out: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Natural-log probability of the next position's tokens (..., step_tokens) given step
         outputs `out` (..., out dim): (..., step_tokens)."""
-        if not self.cfg.frames:
-            return self.head.log_prob(out, tokens[..., 0])[..., None]
-        right = self.right(out, tokens[..., 0])
-        return torch.stack([self.head.log_prob(self.head(out), tokens[..., 0]),
-                            self.head.log_prob(self.head(right), tokens[..., 1])], -1)
+        return self.layout.log_prob_next(self, out, tokens)
 
     def head_outputs(self, out: torch.Tensor, left: torch.Tensor | None = None) -> torch.Tensor:
-        """The head output of the next token: interleave: `out` itself; frames: that of L_{t+1}
-        (left=None), or of R_{t+1} given L_{t+1} = left. (The codec codes token by token.)"""
-        if not self.cfg.frames:
-            return out
-        return self.head(out if left is None else self.right(out, left))
-
-
-class RightGivenLeft(nn.Module):
-    """The frames layout's head input for R_{t+1}: the backbone output h_t plus L_{t+1}.
-
-    right = u + FF(LayerNorm(u)), u = h_t + E[L_{t+1}] (E its own table): one residual
-    feed-forward block, so R's distribution can depend on L jointly with the context (a linear
-    head on h + E[L] could only add a per-L bias to R's logits)."""
-
-    def __init__(self, d: int, levels: int, expand: int, embed_init: str = "ordinal"):
-        super().__init__()
-        self.embedding = nn.Embedding(levels, d)
-        with torch.no_grad():
-            self.embedding.weight.copy_(embedding_init(levels, d, embed_init, seed=7))
-        self.block = Residual(d, FeedForward(d, expand))
-
-    def forward(self, h: torch.Tensor, left: torch.Tensor, check_tokens: bool = False,
-                backend: str = "reference") -> torch.Tensor:
-        """h (..., D), left (...) tokens -> (..., D)."""
-        if h.dim() == 3:  # training: the one embedding op (mono is its C = 1 case)
-            e = kernels.embed_interleave(left[..., None], self.embedding.weight, check=check_tokens,
-                                         deterministic=torch.are_deterministic_algorithms_enabled(),
-                                         backend=backend)
-        else:
-            e = F.embedding(left.long(), self.embedding.weight)
-        return self.block(h + e)
+        """The head output of the next position's first token (left=None), or of its second
+        given the first (= left). (The codec codes token by token.)"""
+        return self.layout.head_output(self, out, 0 if left is None else 1,
+                                       None if left is None else left[..., None])
 
 
 def embedding_init(levels: int, d: int, embed_init: str, seed: int = 0) -> torch.Tensor:

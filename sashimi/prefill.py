@@ -2,7 +2,7 @@
 
 `prefill(model, tokens)` returns exactly what `model.step` would leave after t = 0..T-1 (the
 full `state` of `model.default_state`, and the step output that predicts position T: the head
-output, or for the frames layout the backbone output), for ANY prompt length T >= 1: not only
+output, or when a position holds a whole frame the backbone output), for ANY prompt length T >= 1: not only
 multiples of prod(pool), and not limited to l_max.
 
 How (every tier of the backbone runs over its whole sequence at once):
@@ -247,8 +247,8 @@ def _backbone(bb, x: torch.Tensor, state: dict, block: int, dtype) -> torch.Tens
 @torch.no_grad()
 def prefill(model: SaShiMi, tokens: torch.Tensor, *, block: int = 128, dtype: torch.dtype = torch.float32,
             return_all: bool = False):
-    """The recurrent state after the prompt `tokens`, in parallel: interleaved tokens (B, T), or
-    for the frames layout frames (B, T, C); T >= 1 positions either way.
+    """The recurrent state after the prompt `tokens`, in parallel: the layout's positions (see
+    `Layout.positions`): (B, T) when a position is one token, else (B, T, step_tokens); T >= 1.
 
     Equals `state = model.default_state(B); for t in range(T): out = model.step(tokens[:, t],
     state, t)` (call `model.setup_step()` first). Returns (state, out) with out the step output
@@ -258,11 +258,12 @@ def prefill(model: SaShiMi, tokens: torch.Tensor, *, block: int = 128, dtype: to
     block: the scan's block size (the sequential part is T / block small matmuls per S4 layer);
     dtype: the scan's arithmetic (float32, or float64 for a reference).
     """
-    dims = 3 if model.cfg.frames else 2
-    what = f"(batch, T, {model.cfg.channels}) frames" if dims == 3 else "(batch, T)"
+    k = model.layout.step_tokens
+    dims = 2 if k == 1 else 3
+    what = f"(batch, T, {k}) frames" if dims == 3 else "(batch, T)"
     if (not torch.is_tensor(tokens) or tokens.dim() != dims
             or tokens.dtype not in (torch.long, torch.int32, torch.int16, torch.uint8)
-            or (dims == 3 and tokens.shape[-1] != model.cfg.channels)):
+            or (dims == 3 and tokens.shape[-1] != k)):
         raise ValueError(f"prefill: tokens must be an integer tensor {what}, got "
                          f"{tuple(tokens.shape) if torch.is_tensor(tokens) else type(tokens).__name__}")
     B, T = tokens.shape[:2]

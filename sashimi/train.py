@@ -31,8 +31,8 @@ from kernels.reference import check_tokens
 from sashimi import checkpoint
 from sashimi.cli import UserError, check_out_dir, machine_memory, resolve_device, run_cli
 from sashimi.checkpoint import CheckpointError
+from sashimi.layouts import LAYOUTS
 from sashimi.model import PRESETS, ModelConfig, SaShiMi, count_parameters
-from sashimi.quantize import Quantizer
 from sashimi.s4 import S4Layer
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -77,9 +77,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m sashimi.train", description=__doc__.split("\n\n")[0])
     # None defaults: "not given", so --resume can tell a flag that contradicts the checkpoint
     p.add_argument("--stereo", action="store_true", default=None, help="two channels (laid out as --stereo-layout says)")
-    p.add_argument("--stereo-layout", choices=("interleave", "frames"), default=None,
-                   help="stereo as one interleaved sequence L0 R0 L1 R1 ... (default), or as frames: one "
-                        "position per frame, R predicted given L (half the positions; README: which to use)")
+    p.add_argument("--stereo-layout", choices=tuple(LAYOUTS), default=None,
+                   help="stereo as one interleaved sequence L0 R0 L1 R1 ... (default); frames: one "
+                        "position per frame, R predicted given L (half the positions); midside: frames of "
+                        "M = floor((L+R)/2), S = L-R (16-bit linear, DML head) (docs/layouts.md)")
     p.add_argument("--data", help="folder of WAV/FLAC/OGG files (searched recursively); default: built-in synthetic stereo music")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="model size (default: tiny)")
     p.add_argument("--ssm", choices=("dplr", "diag"), default=None, help="S4 (DPLR, default) or S4D (diagonal)")
@@ -398,7 +399,7 @@ def validate(model: SaShiMi, batches, device, precision: str, distributed: bool)
         batch = batch.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             nll = model.nll_bits(batch).float()
-        for c, part in enumerate(SaShiMi.per_channel(nll, C, model.cfg.frames)):
+        for c, part in enumerate(model.layout.per_channel(nll)):
             sums[c] += part.sum().double()
         sums[C] += nll.numel()
         per_crop = nll.double().mean(1)
@@ -414,8 +415,7 @@ def validate(model: SaShiMi, batches, device, precision: str, distributed: bool)
     if n > 1:   # standard error of the mean over crops (crops of one file are not independent)
         var = max(0.0, (sums[C + 2].item() - n * result["val_bits"] ** 2) / (n - 1))
         result["val_se"] = math.sqrt(var / n)
-    names = ["L", "R"] if C == 2 else ["mono"]
-    for name, v in zip(names, per):
+    for name, v in zip(model.layout.channel_names, per):
         result[f"val_bits_{name}"] = v
     return result
 
@@ -518,10 +518,10 @@ def _run_locked(args, device, distributed, rank, world, main, out: Path) -> int:
             torch.set_num_threads(1)
 
     torch.manual_seed(train_cfg.seed)
-    quantizer = Quantizer(model_cfg.quantization, model_cfg.bits)
+    quantizer = model_cfg.quantizer
     try:
         crops = dict(sample_rate=model_cfg.sample_rate, channels=model_cfg.channels,
-                     crop_frames=model_cfg.seq_len + 1, quantizer=quantizer, seed=train_cfg.seed)
+                     crop_frames=model_cfg.layout.crop_frames, quantizer=quantizer, seed=train_cfg.seed)
         if train_cfg.val_crops < 1:
             raise UserError(f"--val-crops must be >= 1, got {train_cfg.val_crops}")
         if train_cfg.val_data is not None and train_cfg.data is None:
@@ -601,7 +601,7 @@ def _run_locked(args, device, distributed, rank, world, main, out: Path) -> int:
         print("note: no validation audio (too few or too short files); validation is skipped")
     log_path = out / "log.csv"
     fields = ["step", "elapsed_s", "train_bits", "tokens_per_s", "lr", "val_bits"] + \
-             (["val_bits_L", "val_bits_R"] if model_cfg.channels == 2 else ["val_bits_mono"])
+             [f"val_bits_{name}" for name in model_cfg.layout.channel_names]
     if main and args.resume and log_path.exists():
         trim_log(log_path, start_step)  # rows written after the checkpoint are written again
     elif main:

@@ -28,7 +28,7 @@ def test_shapes(ssm, C, head):
     batch = torch.randint(0, 256, (3, 65, C))
     nll = m.nll_bits(batch)
     assert nll.shape == (3, 64 * C) and torch.isfinite(nll).all()
-    parts = SaShiMi.per_channel(nll, C)
+    parts = m.layout.per_channel(nll)
     assert len(parts) == C and all(p.shape == (3, 64) for p in parts)
 
 
@@ -52,7 +52,7 @@ def test_causal(ssm, C, head):
 
 def test_per_channel_split_follows_the_target():
     nll = torch.arange(8.0).view(1, 8)  # positions 0..7 of L R L R ...: position i predicts i + 1
-    left, right = SaShiMi.per_channel(nll, 2)
+    left, right = tiny(channels=2).layout.per_channel(nll)
     assert right.tolist() == [[0.0, 2.0, 4.0, 6.0]]  # even positions predict R
     assert left.tolist() == [[1.0, 3.0, 5.0, 7.0]]
 
@@ -325,7 +325,7 @@ def test_frames_causal_and_right_sees_left():
 
 def test_frames_per_channel_split():
     nll = torch.arange(8.0).view(1, 8)   # frames layout: target 2t + c is channel c of frame t + 1
-    left, right = SaShiMi.per_channel(nll, 2, frames=True)
+    left, right = frames_cfg().layout.per_channel(nll)
     assert left.tolist() == [[0.0, 2.0, 4.0, 6.0]] and right.tolist() == [[1.0, 3.0, 5.0, 7.0]]
 
 

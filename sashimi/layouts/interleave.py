@@ -1,0 +1,65 @@
+"""Stereo as one interleaved sequence L0 R0 L1 R1 ... (the default stereo layout).
+
+tokens (B, L, C) --kernels.embed_interleave--> (B, L*C, D) --backbone--> head --> loss. The
+backbone is the same as mono's, only its length (l_max = seq_len * C) changes. Output position
+i predicts interleaved token i + 1, so the target of position i belongs to channel (i + 1) % C.
+A position holds one token; a step returns the head output of the next token.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from kernels.profiling import nvtx_range
+from sashimi.layouts.base import LN2, Layout
+from sashimi.model import embedding_init
+
+
+class Interleave(Layout):
+    name = "interleave"
+    step_tokens = 1
+
+    def build(self, model) -> None:
+        cfg = self.cfg
+        model.embedding = nn.Embedding(cfg.levels, cfg.d_model)
+        with torch.no_grad():
+            model.embedding.weight.copy_(embedding_init(cfg.levels, cfg.d_model, cfg.embed_init))
+        model.right = None
+
+    def tables(self, model) -> torch.Tensor:
+        return model.embedding.weight
+
+    def encode(self, model, tokens, check_tokens=True):
+        # fp32 out even under bf16 autocast: it starts the residual stream, which stays fp32;
+        # under torch.use_deterministic_algorithms the backward sums in a fixed order
+        return kernels.embed_interleave(tokens, model.embedding.weight, check=check_tokens,
+                                        deterministic=torch.are_deterministic_algorithms_enabled(),
+                                        backend=self.cfg.kernel_backend)
+
+    def embed_steps(self, model, positions):
+        return F.embedding(positions.long(), model.embedding.weight)
+
+    def step_output(self, model, h):
+        return model.head(h)          # one token per position: the step gives its distribution
+
+    def head_output(self, model, out, j, given=None):
+        return out
+
+    def log_prob_next(self, model, out, tokens):
+        return model.head.log_prob(out, tokens[..., 0])[..., None]
+
+    def nll_bits(self, model, batch, check_tokens=True):
+        B, L1, C = batch.shape
+        L = L1 - 1
+        out = model(batch[:, :L], check_tokens)
+        targets = batch.reshape(B, L1 * C)[:, 1: L * C + 1]
+        with nvtx_range("sashimi/model/loss"):
+            return -model.head.log_prob(out, targets) / LN2
+
+    def per_channel(self, nll):
+        B, T = nll.shape
+        C = self.cfg.channels
+        # position i predicts channel (i + 1) % C: roll so that column c is channel c
+        return list(torch.roll(nll.view(B, T // C, C), shifts=1, dims=2).unbind(2)) if C > 1 else [nll]

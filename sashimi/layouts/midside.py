@@ -54,7 +54,9 @@ class MidSide(Frames):
     def from_model(self, tokens):
         mid, side = tokens[..., 0].long(), tokens[..., 1].long() - (LEVELS - 1)
         total = 2 * mid + (side & 1)                                  # L + R, in tokens
-        return torch.stack([(total + side) // 2, (total - side) // 2], -1)
+        # a pair that no (L, R) gives (a sample can draw one: |S| near 2^16 with M far from 0)
+        # is clipped to the grid; every pair that to_model makes comes back exactly
+        return torch.stack([(total + side) // 2, (total - side) // 2], -1).clamp(0, LEVELS - 1)
 
     # -- the model's pieces ---------------------------------------------------------------------
     def build(self, model) -> None:

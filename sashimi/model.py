@@ -169,6 +169,9 @@ class FeedForward(nn.Module):
     def step(self, x, state):
         return self.forward(x)
 
+    def prefill(self, x, state, block: int = 128, dtype=torch.float32):
+        return self.forward(x)        # stateless: the whole sequence at once is its forward
+
 
 class Residual(nn.Module):
     """x + layer(LayerNorm(x)) (pre-norm)."""
@@ -186,6 +189,10 @@ class Residual(nn.Module):
 
     def step(self, x, state):
         return x + self.layer.step(self.norm(x), state)
+
+    def prefill(self, x, state, block: int = 128, dtype=torch.float32):
+        """x (B, T, d): T steps from a zero state at once (sashimi.prefill); fills `state`."""
+        return x + self.layer.prefill(self.norm(x), state, block, dtype)
 
 
 class DownPool(nn.Module):

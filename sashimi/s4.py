@@ -17,7 +17,9 @@ that `sashimi.train` turns into parameter groups.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import weakref
 from dataclasses import dataclass, fields
 
 import torch
@@ -218,7 +220,11 @@ class S4Layer(nn.Module):
             with nvtx_range("sashimi/s4/fftconv"):
                 y = fft_conv(u, K) + self.D[:, None] * u
             y = F.gelu(y).transpose(1, 2)
-        return F.glu(self.out(self.dropout(y)), dim=-1)
+        return self._mix(self.dropout(y))
+
+    def _mix(self, y: torch.Tensor) -> torch.Tensor:
+        """The GLU output mix of the activated SSM output (every form of the layer ends here)."""
+        return F.glu(self.out(y), dim=-1)
 
     # -- generation (recurrence) --------------------------------------------------------------
     @torch.no_grad()
@@ -266,4 +272,168 @@ class S4Layer(nn.Module):
             raise RuntimeError("call setup_step() before step()")
         op = kernels.ssm_step if self._step.ssm == "diag" else kernels.dplr_step
         y = op(state, x.float(), **self._step.tensors(), backend=self.kernel_backend)
-        return F.glu(self.out(F.gelu(y)), dim=-1)
+        return self._mix(F.gelu(y))
+
+    @torch.no_grad()
+    def prefill(self, x: torch.Tensor, state: torch.Tensor, block: int = 128,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """x (B, T, H), T steps from a zero state, at once: the outputs (B, T, H) that `step`
+        would give, and `state` (B, H, N) set to what it leaves (a block-parallel scan of the
+        exact recurrence, `s4_prefill`). Call setup_step() first."""
+        y, st = s4_prefill(self, x.transpose(1, 2), block, dtype)
+        state.copy_(st)
+        return self._mix(F.gelu(y.transpose(1, 2)))
+
+
+# --------------------------------------------------------------------------------------------
+# parallel prefill: the recurrence as a block scan
+# --------------------------------------------------------------------------------------------
+# Every S4 layer runs as a block-parallel scan of its own recurrence (size `block` = b):
+# with A_bar the layer's exact step map (diagonal ZOH or the DPLR bilinear step applied by
+# Woodbury), the precomputed operators are
+#     K_k = the step's impulse response (K_0 includes D),               k < b
+#     V_k = A_bar^k B_bar  (the state after an impulse),                 k < b
+#     O_k = the output at offset k of a block that starts in state x,  k < b  (real-linear in x)
+#     M   = A_bar^b                                                    (real-linear map)
+# all obtained by running the layer's own step factors (`setup_step()`; the
+# `kernels.reference` step math, upcast to complex128) on a unit impulse and on the 2N real
+# basis states: no matrix power, no eigendecomposition (the DPLR matrix is never
+# diagonalised). For a block s starting in state x_s:
+#     y[s b + k] = sum_{j <= k} K_{k-j} u[s b + j] + O_k . x_s        (two batched matmuls)
+#     x_{s+1}    = M x_s + sum_j V_{b-1-j} u[s b + j]                 (one small matmul per block)
+# The state is kept in real form [Re x, Im x] (the step is real-linear in the half state that
+# holds one of each conjugate pair). A last partial block (T_i mod b steps) gets its outputs
+# from the same formula and its state from r < b plain steps (T mod b = r).
+# Operators are built once per layer (one batched run of b steps) and cached while the
+# layer's step factors stay the same. A sequence shorter than b is simply stepped.
+
+
+@dataclass
+class BlockOps:
+    """The block operators of one S4 layer (see above), in `dtype`."""
+    block: int
+    N: int
+    toeplitz: torch.Tensor      # (H, b, b)  T[h, k, j] = K[h, k - j] (k >= j), else 0
+    inject: torch.Tensor        # (H, b, 2N) row j = [Re, Im] of V_{b-1-j}
+    observe: torch.Tensor       # (H, b, 2N) row k: output at offset k from each basis state
+    transition: torch.Tensor    # (H, 2N, 2N) [h, in, out]: x_{s+1} = x_s @ M[h]
+    step: object                # closure(state complex128 (B, H, N), u float64 (B, H)) -> y
+
+
+_CACHE: "weakref.WeakKeyDictionary[S4Layer, dict]" = weakref.WeakKeyDictionary()
+
+
+def _step128(layer: S4Layer):
+    """The layer's own step (its `setup_step()` factors) in complex128, kernels.reference math."""
+    s = layer.step_factors()
+    if s is None:
+        raise RuntimeError("call model.setup_step() before prefill()")
+    c = {k: v.to(torch.complex128) for k, v in s.tensors().items() if v.is_complex()}
+    D = s.D.to(torch.float64)
+    if s.ssm == "diag":
+        return lambda x, u: reference.ssm_step(x, u, c["dA"], c["dB"], c["C"], D)
+    return lambda x, u: reference.dplr_step(x, u, c["dA"], c["dB"], c["C"], D, c["P"], c["Q"], c["W"])
+
+
+@torch.no_grad()
+def block_ops(layer: S4Layer, block: int = 128, dtype: torch.dtype = torch.float32) -> BlockOps:
+    """The block operators of `layer` for block size `block` (cached until the next setup_step)."""
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    factors = layer.step_factors()
+    if factors is None:
+        raise RuntimeError("call model.setup_step() before prefill()")
+    per_layer = _CACHE.setdefault(layer, {})
+    key = (block, dtype)
+    hit = per_layer.get(key)
+    if hit is not None and factors.same_as(hit[0]):
+        per_layer[key] = (factors, hit[1])
+        return hit[1]
+    step = _step128(layer)
+    dev = factors.dA.device
+    H, N = factors.dA.shape
+    b = block
+    # one batch of 1 + 2N runs of b steps: row 0 a unit impulse from the zero state (outputs
+    # K_k with D at k = 0, states V_k = A^k B_bar); rows 1 + m the real basis states (e_n,
+    # i e_n) with zero input (outputs O_k, final states A^b)
+    X = torch.zeros(1 + 2 * N, H, N, dtype=torch.complex128, device=dev)
+    n = torch.arange(N, device=dev)
+    X[1 + n, :, n] = 1.0
+    X[1 + N + n, :, n] = 1j
+    u = torch.zeros(b, 1 + 2 * N, H, dtype=torch.float64, device=dev)
+    u[0, 0] = 1.0
+    Y = torch.empty(b, 1 + 2 * N, H, dtype=torch.float64, device=dev)
+    V = torch.empty(b, H, N, dtype=torch.complex128, device=dev)
+    for k in range(b):
+        Y[k] = step(X, u[k])
+        V[k] = X[0]
+    K, O, X = Y[:, 0], Y[:, 1:], X[1:]
+    realify = lambda z: torch.cat([z.real, z.imag], -1)               # complex (..., N) -> (..., 2N)
+    i = torch.arange(b, device=dev)
+    lag = i[:, None] - i[None, :]
+    Kh = K.T                                                          # (H, b)
+    toeplitz = Kh[:, lag.clamp(min=0)] * (lag >= 0)
+    ops = BlockOps(
+        block=b, N=N,
+        toeplitz=toeplitz.to(dtype).contiguous(),
+        inject=realify(V).flip(0).permute(1, 0, 2).to(dtype).contiguous(),
+        observe=O.permute(2, 0, 1).to(dtype).contiguous(),
+        transition=realify(X).permute(1, 0, 2).to(dtype).contiguous(),
+        step=step,
+    )
+    per_layer[key] = (factors, ops)
+    return ops
+
+
+@torch.no_grad()
+def s4_prefill(layer: S4Layer, u: torch.Tensor, block: int = 128, dtype: torch.dtype = torch.float32):
+    """Run the recurrence of `layer` over u (B, H, T) from a zero state, block-parallel.
+
+    Returns (y (B, H, T) float32: the step's pre-activation outputs 2 Re(C x_t) + D u_t, and the
+    state after the last step: complex64 (B, H, N), as `layer.step` leaves it).
+    """
+    B, H, T = u.shape
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    if T < block:   # shorter than one block: the layer's own step, in complex128
+        step = _step128(layer)
+        x = torch.zeros(B, H, layer.N, dtype=torch.complex128, device=u.device)
+        y = torch.stack([step(x, u[:, :, t].double()) for t in range(T)], -1) if T else u.new_zeros(B, H, 0)
+        return y.float(), x.to(torch.complex64)
+    ops = block_ops(layer, block, dtype)
+    N, b = ops.N, ops.block
+    nb, r = divmod(T, b)
+    nt = nb + (r > 0)
+    with _exact_fp32_matmul():
+        U = F.pad(u.to(dtype), (0, nt * b - T)).view(B, H, nt, b)
+        y = torch.einsum("hkj,bhsj->bhsk", ops.toeplitz, U)
+        W = torch.einsum("bhsj,hjm->hsbm", U[:, :, :nb], ops.inject)      # (H, nb, B, 2N)
+        x = torch.zeros(H, B, 2 * N, dtype=dtype, device=u.device)
+        starts = []
+        for s in range(nt):
+            starts.append(x)
+            if s < nb:
+                x = torch.baddbmm(W[:, s], x, ops.transition)
+        xs = torch.stack(starts, 1)                                          # (H, nt, B, 2N)
+        y = y + torch.einsum("hsbm,hkm->bhsk", xs, ops.observe)
+    y = y.reshape(B, H, nt * b)[..., :T].float()
+    # x: the state at the start of the last (partial) block, or after the last full block
+    xc = torch.complex(x[..., :N].double(), x[..., N:].double()).permute(1, 0, 2).contiguous()
+    for k in range(r):
+        ops.step(xc, u[:, :, nb * b + k].double())
+    return y, xc.to(torch.complex64)
+
+
+@contextlib.contextmanager
+def _exact_fp32_matmul():
+    """The scan's float32 matmuls in full precision even where TF32 was switched on globally."""
+    prev = torch.get_float32_matmul_precision()
+    if prev == "highest":
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(prev)
+

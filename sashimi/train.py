@@ -68,8 +68,14 @@ class TrainConfig:
 # --------------------------------------------------------------------------------------------
 # command line
 # --------------------------------------------------------------------------------------------
-MODEL_FLAGS = ("ssm", "bits", "quantization", "head", "seq_len", "sample_rate", "n_mixtures",
-               "tie_weights", "channels", "stereo_layout", "d_model", "n_layers", "d_state")
+# The flags that set a ModelConfig / TrainConfig field of the same name (with --stereo setting
+# channels): read in one place each (model_flags, train_config_from_args), so a new flag is a
+# parser line plus its name here.
+MODEL_FLAGS = ("ssm", "bits", "quantization", "head", "n_mixtures", "tie_weights", "sample_rate",
+               "seq_len", "stereo_layout")
+TRAIN_FLAGS = ("data", "steps", "batch_size", "lr", "precision", "seed", "num_workers", "val_every",
+               "checkpoint_every", "sample_every", "sample_seconds", "compile", "deterministic",
+               "val_data", "val_crops")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -134,13 +140,14 @@ def check_args(args) -> None:
             bad(flag.replace("_", "-"), value, "a finite number > 0")
 
 
+def model_flags(args) -> dict:
+    """The model fields the command line sets (None: not given)."""
+    return dict({k: getattr(args, k) for k in MODEL_FLAGS}, channels=2 if args.stereo else None)
+
+
 def model_config_from_args(args) -> ModelConfig:
     preset = dict(PRESETS[args.preset or "tiny"])
-    given = dict(ssm=args.ssm, bits=args.bits, quantization=args.quantization, head=args.head,
-                 n_mixtures=args.n_mixtures, tie_weights=args.tie_weights, sample_rate=args.sample_rate,
-                 seq_len=args.seq_len, channels=2 if args.stereo else None,
-                 stereo_layout=args.stereo_layout)
-    preset.update({k: v for k, v in given.items() if v is not None})
+    preset.update({k: v for k, v in model_flags(args).items() if v is not None})
     try:
         return ModelConfig(**preset)
     except ValueError as exc:
@@ -148,22 +155,13 @@ def model_config_from_args(args) -> ModelConfig:
 
 
 def train_config_from_args(args, base: TrainConfig | None = None) -> TrainConfig:
-    cfg = base or TrainConfig()
-    given = dict(data=args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                 precision=args.precision, seed=args.seed, num_workers=args.num_workers,
-                 val_every=args.val_every, checkpoint_every=args.checkpoint_every,
-                 sample_every=args.sample_every, sample_seconds=args.sample_seconds, compile=args.compile,
-                 deterministic=args.deterministic, val_data=args.val_data, val_crops=args.val_crops)
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})
-    return cfg
+    given = {k: getattr(args, k) for k in TRAIN_FLAGS}
+    return dataclasses.replace(base or TrainConfig(), **{k: v for k, v in given.items() if v is not None})
 
 
 def check_resume_flags(args, saved: ModelConfig) -> None:
     """Flags that would change the model must agree with the checkpoint's config."""
-    explicit = {"ssm": args.ssm, "bits": args.bits, "quantization": args.quantization, "head": args.head,
-                "n_mixtures": args.n_mixtures, "tie_weights": args.tie_weights,
-                "sample_rate": args.sample_rate, "seq_len": args.seq_len,
-                "channels": 2 if args.stereo else None, "stereo_layout": args.stereo_layout}
+    explicit = model_flags(args)
     if args.preset is not None:   # the preset's values as a config holds them (tuples, floats)
         wanted = model_config_from_args(argparse.Namespace(**{**vars(args), "stereo": saved.channels == 2}))
         explicit.update({k: getattr(wanted, k) for k in PRESETS[args.preset]})
@@ -482,46 +480,49 @@ def run(args) -> int:
         return _run_locked(args, device, distributed, rank, world, main, out)
 
 
-def _run_locked(args, device, distributed, rank, world, main, out: Path) -> int:
-    from sashimi.data import AudioCrops, DataError, train_batches, valid_batches
+@dataclass
+class Setup:
+    """What a run starts from: its configs, the step it starts at and, when resuming, the
+    checkpoint (with the flag changes it applies and the history of resumes)."""
+    model_cfg: ModelConfig
+    train_cfg: TrainConfig
+    start_step: int = 0
+    saved: dict | None = None
+    changes: list = dataclasses.field(default_factory=list)
+    resumes: list = dataclasses.field(default_factory=list)
 
-    ckpt_path = out / CHECKPOINT_NAME
-    if main:
-        checkpoint.remove_stale_temporaries(out, CHECKPOINT_NAME)
 
-    saved = None
-    changes: list[str] = []
-    resumes: list[dict] = []
+def plan_run(args, ckpt_path: Path, main: bool) -> Setup:
+    """The configs of a new run from the flags, or of a resumed one from its checkpoint."""
     if args.resume:
         saved, used_path, note = load_for_resume(ckpt_path, move_aside=main)
         model_cfg, train_cfg, start_step, changes = resume_plan(args, saved, used_path)
-        resumes = list(saved.get("resumes", []))
-        resumes.append(dict(step=start_step, changes=changes))
         if main:
             print(note)
-    else:
-        if ckpt_path.exists() or checkpoint.previous_path(ckpt_path).exists():
-            raise UserError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
-        model_cfg = model_config_from_args(args)
-        train_cfg = train_config_from_args(args)
-    model_cfg = dataclasses.replace(model_cfg, kernel_backend="reference" if device.type == "cpu" else "auto")
-    if main:
-        warn_big_softmax(model_cfg)
-    check_batch_fits(model_cfg, train_cfg.batch_size, device)
-    if train_cfg.deterministic:
-        # bitwise-repeatable: deterministic kernels (the embedding's backward sums in a fixed
-        # order), cuBLAS's fixed workspace, and one CPU thread (OpenMP reductions vary with it)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-        if device.type == "cpu":
-            torch.set_num_threads(1)
+        return Setup(model_cfg, train_cfg, start_step, saved, changes,
+                     [*saved.get("resumes", []), dict(step=start_step, changes=changes)])
+    if ckpt_path.exists() or checkpoint.previous_path(ckpt_path).exists():
+        raise UserError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+    return Setup(model_config_from_args(args), train_config_from_args(args))
 
-    torch.manual_seed(train_cfg.seed)
-    quantizer = model_cfg.quantizer
+
+def make_deterministic(device: torch.device) -> None:
+    """Bitwise-repeatable: deterministic kernels (the embedding's backward sums in a fixed
+    order), cuBLAS's fixed workspace, and one CPU thread (OpenMP reductions vary with it)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+
+
+def datasets(model_cfg: ModelConfig, train_cfg: TrainConfig):
+    """(training crops, validation crops), the crops as the model's layout takes them."""
+    from sashimi.data import AudioCrops, DataError
     try:
         crops = dict(sample_rate=model_cfg.sample_rate, channels=model_cfg.channels,
-                     crop_frames=model_cfg.layout.crop_frames, quantizer=quantizer, seed=train_cfg.seed)
+                     crop_frames=model_cfg.layout.crop_frames, quantizer=model_cfg.quantizer,
+                     seed=train_cfg.seed)
         if train_cfg.val_crops < 1:
             raise UserError(f"--val-crops must be >= 1, got {train_cfg.val_crops}")
         if train_cfg.val_data is not None and train_cfg.data is None:
@@ -532,50 +533,139 @@ def _run_locked(args, device, distributed, rank, world, main, out: Path) -> int:
                                whole=held_out, valid_crops=train_cfg.val_crops, **crops)
     except DataError as exc:
         raise UserError(str(exc)) from None
+    return train_set, valid_set
 
-    model = SaShiMi(model_cfg).to(device)
+
+def build_model(setup: Setup, device: torch.device) -> tuple[SaShiMi, torch.optim.Optimizer]:
+    """The model and its optimiser, restored from the checkpoint when resuming."""
+    train_cfg = setup.train_cfg
+    model = SaShiMi(setup.model_cfg).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, train_cfg.lr, train_cfg.weight_decay),
                                   lr=train_cfg.lr, fused=device.type == "cuda")
-    if saved is None:
-        start_step = 0
-    else:
-        try:
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            checkpoint.set_rng_state(saved["rng"])
-        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
-            raise UserError(f"--resume: the checkpoint does not fit this model: "
-                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-        # the saved groups carry the old lr / weight decay: apply the current ones
-        for group, fresh in zip(optimizer.param_groups,
-                                param_groups(model, train_cfg.lr, train_cfg.weight_decay)):
-            group["base_lr"], group["weight_decay"] = fresh["base_lr"], fresh["weight_decay"]
-    s4_layers = [m for m in model.modules() if isinstance(m, S4Layer)]
+    if setup.saved is None:
+        return model, optimizer
+    try:
+        model.load_state_dict(setup.saved["model"])
+        optimizer.load_state_dict(setup.saved["optimizer"])
+        checkpoint.set_rng_state(setup.saved["rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise UserError(f"--resume: the checkpoint does not fit this model: "
+                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    # the saved groups carry the old lr / weight decay: apply the current ones
+    for group, fresh in zip(optimizer.param_groups, param_groups(model, train_cfg.lr, train_cfg.weight_decay)):
+        group["base_lr"], group["weight_decay"] = fresh["base_lr"], fresh["weight_decay"]
+    return model, optimizer
+
+
+def describe(setup: Setup, model: SaShiMi, world: int, device: torch.device) -> str:
+    cfg, train_cfg = setup.model_cfg, setup.train_cfg
+    layout = f" ({cfg.stereo_layout})" if cfg.channels == 2 else ""
+    return (f"SaShiMi {'stereo' if cfg.channels == 2 else 'mono'}{layout}, ssm={cfg.ssm}, "
+            f"{cfg.bits}-bit {cfg.quantization}, head={cfg.head}, {count_parameters(model):,} parameters, "
+            f"{cfg.sample_rate} Hz, {cfg.seq_len} frames x {cfg.channels} ch, "
+            f"batch {train_cfg.batch_size} x {world}, device {device}")
+
+
+class CsvLog:
+    """log.csv of the run (rank 0 only): training rows and validation rows. On resume the rows
+    written after the checkpoint's step are dropped (the resumed run writes them again)."""
+
+    def __init__(self, path: Path, cfg: ModelConfig, main: bool, resume_step: int | None):
+        self.path, self.main = path, main
+        self.fields = ["step", "elapsed_s", "train_bits", "tokens_per_s", "lr", "val_bits"] + \
+                      [f"val_bits_{name}" for name in cfg.layout.channel_names]
+        if main and resume_step is not None and path.exists():
+            trim_log(path, resume_step)
+        elif main:
+            with open(path, "w", newline="") as f:
+                csv.DictWriter(f, self.fields).writeheader()
+
+    def row(self, **row) -> None:
+        if self.main:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, self.fields, extrasaction="ignore").writerow(row)
+
+
+@dataclass
+class Run:
+    """Everything the training loop touches."""
+    setup: Setup
+    model: SaShiMi
+    optimizer: torch.optim.Optimizer
+    step_fn: nn.Module
+    device: torch.device
+    out: Path
+    main: bool
+    distributed: bool
+    world: int
+
+    def __post_init__(self):
+        self.s4_layers = [m for m in self.model.modules() if isinstance(m, S4Layer)]
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / CHECKPOINT_NAME
+
+    def save(self, step: int) -> Path:
+        """Atomically; the one before stays as checkpoint.prev.pt: a damaged latest never loses the run."""
+        cfg, train_cfg = self.setup.model_cfg, self.setup.train_cfg
+        return checkpoint.save(self.ckpt_path, dict(
+            model_config=dataclasses.replace(cfg, kernel_backend="auto").to_dict(),
+            train_config=train_cfg.to_dict(), model=self.model.state_dict(),
+            optimizer=self.optimizer.state_dict(), step=step, rng=checkpoint.rng_state(),
+            data_position=dict(step=step, seed=train_cfg.seed, world_size=self.world),
+            tokens_seen=step * train_cfg.batch_size * self.world * cfg.samples, resumes=self.setup.resumes),
+            keep_previous=True)
+
+    def optimizer_step(self, batch: torch.Tensor, step: int) -> torch.Tensor:
+        """One training step on `batch`; returns the loss (not synced to the host)."""
+        train_cfg = self.setup.train_cfg
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * lr_factor(step, train_cfg)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=train_cfg.precision == "bf16"):
+            with nvtx_range("sashimi/train/forward"):
+                loss = self.step_fn(batch).float().mean()
+        with nvtx_range("sashimi/train/backward"):
+            loss.backward()
+        if train_cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), train_cfg.grad_clip)
+        with nvtx_range("sashimi/train/optimizer"):
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            for layer in self.s4_layers:
+                layer.clamp_()
+        return loss.detach()
+
+
+def _run_locked(args, device, distributed, rank, world, main, out: Path) -> int:
+    from sashimi.data import train_batches, valid_batches
+
+    if main:
+        checkpoint.remove_stale_temporaries(out, CHECKPOINT_NAME)
+    setup = plan_run(args, out / CHECKPOINT_NAME, main)
+    setup.model_cfg = dataclasses.replace(setup.model_cfg,
+                                          kernel_backend="reference" if device.type == "cpu" else "auto")
+    model_cfg, train_cfg = setup.model_cfg, setup.train_cfg
+    if main:
+        warn_big_softmax(model_cfg)
+    check_batch_fits(model_cfg, train_cfg.batch_size, device)
+    if train_cfg.deterministic:
+        make_deterministic(device)
+    torch.manual_seed(train_cfg.seed)
+    train_set, valid_set = datasets(model_cfg, train_cfg)
+    model, optimizer = build_model(setup, device)
     loss_of: nn.Module = LossOf(model)
     if distributed:
         loss_of = nn.parallel.DistributedDataParallel(
             loss_of, device_ids=[device.index] if device.type == "cuda" else None)
-    step_fn = torch.compile(loss_of) if train_cfg.compile else loss_of
-
+    run = Run(setup, model, optimizer, torch.compile(loss_of) if train_cfg.compile else loss_of,
+              device, out, main, distributed, world)
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        layout = f" ({model_cfg.stereo_layout})" if model_cfg.channels == 2 else ""
-        print(f"SaShiMi {'stereo' if model_cfg.channels == 2 else 'mono'}{layout}, ssm={model_cfg.ssm}, "
-              f"{model_cfg.bits}-bit {model_cfg.quantization}, head={model_cfg.head}, "
-              f"{count_parameters(model):,} parameters, {model_cfg.sample_rate} Hz, "
-              f"{model_cfg.seq_len} frames x {model_cfg.channels} ch, batch {train_cfg.batch_size} x {world}, "
-              f"device {device}")
-        if saved is not None:
-            print(f"resuming at step {start_step}: " + ("; ".join(changes) if changes else "no flag changed"))
-
-    def save(step: int) -> Path:
-        # the one before stays as checkpoint.prev.pt: a damaged latest never loses the run
-        return checkpoint.save(ckpt_path, dict(
-            model_config=dataclasses.replace(model_cfg, kernel_backend="auto").to_dict(),
-            train_config=train_cfg.to_dict(), model=model.state_dict(), optimizer=optimizer.state_dict(),
-            step=step, rng=checkpoint.rng_state(), data_position=dict(step=step, seed=train_cfg.seed, world_size=world),
-            tokens_seen=step * train_cfg.batch_size * world * model_cfg.samples, resumes=resumes),
-            keep_previous=True)
+        print(describe(setup, model, world, device))
+        if setup.saved is not None:
+            print(f"resuming at step {setup.start_step}: "
+                  + ("; ".join(setup.changes) if setup.changes else "no flag changed"))
 
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
@@ -587,100 +677,18 @@ def _run_locked(args, device, distributed, rank, world, main, out: Path) -> int:
         print(f"threads: {torch.get_num_threads()} torch, {workers} data loader workers"
               + (f" ({len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores; "
                  "--threads / --num-workers override)" if device.type == "cpu" else ""))
-    batches = train_batches(train_set, batch_size=train_cfg.batch_size, start_step=start_step, rank=rank,
-                            world_size=world, num_workers=workers,
-                            pin_memory=device.type == "cuda")
+    batches = train_batches(train_set, batch_size=train_cfg.batch_size, start_step=setup.start_step, rank=rank,
+                            world_size=world, num_workers=workers, pin_memory=device.type == "cuda")
     # validation needs no gradients: batches of up to 64k tokens (at least the training batch),
     # so that 256 crops are a few forward passes (each pass also builds every S4 kernel)
     val_batch = max(train_cfg.batch_size, min(64, 65536 // model_cfg.l_max))
     val_data = valid_batches(valid_set, batch_size=val_batch)
-    # shard validation crops across ranks (the sums are all-reduced)
     has_val = len(val_data) > 0  # the same on every rank (validate() all-reduces)
-    val_data = val_data[rank::world] if distributed else val_data
+    val_data = val_data[rank::world] if distributed else val_data   # shard (the sums are all-reduced)
     if main and not has_val:
         print("note: no validation audio (too few or too short files); validation is skipped")
-    log_path = out / "log.csv"
-    fields = ["step", "elapsed_s", "train_bits", "tokens_per_s", "lr", "val_bits"] + \
-             [f"val_bits_{name}" for name in model_cfg.layout.channel_names]
-    if main and args.resume and log_path.exists():
-        trim_log(log_path, start_step)  # rows written after the checkpoint are written again
-    elif main:
-        with open(log_path, "w", newline="") as f:
-            csv.DictWriter(f, fields).writeheader()
-
-    def log_row(row: dict) -> None:
-        if main:
-            with open(log_path, "a", newline="") as f:
-                csv.DictWriter(f, fields, extrasaction="ignore").writerow(row)
-
-    from tqdm.auto import tqdm
-    bar = tqdm(total=train_cfg.steps, initial=start_step, disable=not main, unit="step",
-               dynamic_ncols=True, mininterval=0.5)
-    tokens_per_step = train_cfg.batch_size * world * model_cfg.samples
-    log_every = 1 if device.type == "cpu" else train_cfg.log_every
-    t0 = time.perf_counter()
-    window_t, window_steps = time.perf_counter(), 0
-    loss_acc = torch.zeros((), device=device)
-    step = start_step
-    status = 0
-    model.train()
-    with StopFlag() as stop:
-        while step < train_cfg.steps:
-            with nvtx_range("sashimi/train/data"):
-                batch = next(batches)
-                check_tokens(batch, model_cfg.levels, "training data")
-                batch = batch.to(device, non_blocking=True)
-            for g in optimizer.param_groups:
-                g["lr"] = g["base_lr"] * lr_factor(step, train_cfg)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=train_cfg.precision == "bf16"):
-                with nvtx_range("sashimi/train/forward"):
-                    loss = step_fn(batch).float().mean()
-            with nvtx_range("sashimi/train/backward"):
-                loss.backward()
-            if train_cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
-            with nvtx_range("sashimi/train/optimizer"):
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                for layer in s4_layers:
-                    layer.clamp_()
-            loss_acc += loss.detach()
-            step += 1
-            window_steps += 1
-            last = step == train_cfg.steps or stop.stop
-            ckpt_due = step % train_cfg.checkpoint_every == 0 or last
-            val_due = step % train_cfg.val_every == 0 or last
-            # the loss is checked (one host sync) before anything is validated or saved
-            if step % log_every == 0 or ckpt_due or val_due:
-                mean_loss = (loss_acc / window_steps).item()  # one host sync per log interval
-                diverged = diverged_reason(mean_loss, model_cfg, model if ckpt_due else None)
-                if diverged:
-                    bar.close()
-                    print(f"stopping: {diverged} at step {step}; the last checkpoint from before it is kept at "
-                          f"{ckpt_path if ckpt_path.exists() else '(none yet)'}", file=sys.stderr)
-                    status = 3
-                    break
-                now = time.perf_counter()
-                tps = window_steps * tokens_per_step / (now - window_t)
-                bar.set_postfix(loss=f"{mean_loss:.3f}", bits=f"{mean_loss:.3f}", tok_s=f"{tps:,.0f}")
-                bar.update(window_steps)
-                log_row(dict(step=step, elapsed_s=f"{now - t0:.1f}", train_bits=f"{mean_loss:.4f}",
-                             tokens_per_s=f"{tps:.0f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}"))
-                loss_acc.zero_()
-                window_t, window_steps = now, 0
-            if val_due and has_val:
-                val = validate(model, val_data, device, train_cfg.precision, distributed)
-                if main:
-                    bar.write(f"step {step}: validation " + ", ".join(f"{k} {v:.3f}" for k, v in val.items()))
-                    log_row(dict(step=step, elapsed_s=f"{time.perf_counter() - t0:.1f}", **{k: f"{v:.4f}" for k, v in val.items()}))
-            if main and ckpt_due:
-                save(step)
-            if main and train_cfg.sample_every and (step % train_cfg.sample_every == 0):
-                write_training_sample(model, out, step, train_cfg.sample_seconds, quantizer, bar)
-            if stop.stop:
-                status = stop.exit_code
-                break
-    bar.close()
+    log = CsvLog(out / "log.csv", model_cfg, main, setup.start_step if args.resume else None)
+    status, step = train_loop(run, batches, val_data if has_val else None, log)
     if distributed:
         same = ranks_agree(model)
         if main:
@@ -689,9 +697,69 @@ def _run_locked(args, device, distributed, rank, world, main, out: Path) -> int:
         if not same:
             status = status or 4
     if main and status in (0, 130, 143):
-        print(f"checkpoint: {ckpt_path} (step {step})")
-        print(f"log: {log_path}")
+        print(f"checkpoint: {run.ckpt_path} (step {step})")
+        print(f"log: {log.path}")
     return status
+
+
+def train_loop(run: Run, batches, val_data, log: CsvLog) -> tuple[int, int]:
+    """Train from the setup's start step to its last: log, validate, checkpoint and sample on
+    their intervals; stop on divergence (status 3) or a stop request. Returns (status, step)."""
+    model_cfg, train_cfg, device, main = run.setup.model_cfg, run.setup.train_cfg, run.device, run.main
+    from tqdm.auto import tqdm
+    bar = tqdm(total=train_cfg.steps, initial=run.setup.start_step, disable=not main, unit="step",
+               dynamic_ncols=True, mininterval=0.5)
+    tokens_per_step = train_cfg.batch_size * run.world * model_cfg.samples
+    log_every = 1 if device.type == "cpu" else train_cfg.log_every
+    t0 = window_t = time.perf_counter()
+    window_steps = 0
+    loss_acc = torch.zeros((), device=device)
+    step, status = run.setup.start_step, 0
+    run.model.train()
+    with StopFlag() as stop:
+        while step < train_cfg.steps:
+            with nvtx_range("sashimi/train/data"):
+                batch = next(batches)
+                check_tokens(batch, model_cfg.levels, "training data")
+                batch = batch.to(device, non_blocking=True)
+            loss_acc += run.optimizer_step(batch, step)
+            step += 1
+            window_steps += 1
+            last = step == train_cfg.steps or stop.stop
+            ckpt_due = step % train_cfg.checkpoint_every == 0 or last
+            val_due = step % train_cfg.val_every == 0 or last
+            # the loss is checked (one host sync) before anything is validated or saved
+            if step % log_every == 0 or ckpt_due or val_due:
+                mean_loss = (loss_acc / window_steps).item()  # one host sync per log interval
+                diverged = diverged_reason(mean_loss, model_cfg, run.model if ckpt_due else None)
+                if diverged:
+                    bar.close()
+                    print(f"stopping: {diverged} at step {step}; the last checkpoint from before it is kept at "
+                          f"{run.ckpt_path if run.ckpt_path.exists() else '(none yet)'}", file=sys.stderr)
+                    return 3, step
+                now = time.perf_counter()
+                tps = window_steps * tokens_per_step / (now - window_t)
+                bar.set_postfix(loss=f"{mean_loss:.3f}", bits=f"{mean_loss:.3f}", tok_s=f"{tps:,.0f}")
+                bar.update(window_steps)
+                log.row(step=step, elapsed_s=f"{now - t0:.1f}", train_bits=f"{mean_loss:.4f}",
+                        tokens_per_s=f"{tps:.0f}", lr=f"{run.optimizer.param_groups[0]['lr']:.3g}")
+                loss_acc.zero_()
+                window_t, window_steps = now, 0
+            if val_due and val_data is not None:
+                val = validate(run.model, val_data, device, train_cfg.precision, run.distributed)
+                if main:
+                    bar.write(f"step {step}: validation " + ", ".join(f"{k} {v:.3f}" for k, v in val.items()))
+                    log.row(step=step, elapsed_s=f"{time.perf_counter() - t0:.1f}",
+                            **{k: f"{v:.4f}" for k, v in val.items()})
+            if main and ckpt_due:
+                run.save(step)
+            if main and train_cfg.sample_every and (step % train_cfg.sample_every == 0):
+                write_training_sample(run.model, run.out, step, train_cfg.sample_seconds, model_cfg.quantizer, bar)
+            if stop.stop:
+                status = stop.exit_code
+                break
+    bar.close()
+    return status, step
 
 
 def diverged_reason(mean_loss: float, cfg: ModelConfig, model: nn.Module | None) -> str | None:

@@ -1,6 +1,7 @@
 """What the command lines share: user mistakes are one line on stderr and exit code 2."""
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -11,6 +12,17 @@ import torch
 
 class UserError(Exception):
     """A mistake in the command line or the inputs: printed as one line, exit code 2."""
+
+
+def command(parse_args: Callable, run: Callable) -> Callable:
+    """A command's `main(argv=None) -> exit code`: parse, run, report a UserError in one line."""
+    return functools.partial(run_cli, parse_args, run)
+
+
+def refuse_existing(path: Path, overwrite: bool) -> None:
+    """An output file that exists is replaced only with --overwrite."""
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} exists (pass --overwrite to replace it)")
 
 
 def run_cli(parse_args: Callable, run: Callable, argv=None) -> int:

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from sashimi.cli import UserError, run_cli
+from sashimi.cli import UserError, command, refuse_existing
 from sashimi.codec import compress
 
 
@@ -39,8 +39,7 @@ def run(args) -> int:
     if args.report and Path(args.report).suffix.lower() not in (".json", ".csv"):
         raise UserError(f"--report must end in .json or .csv, got {args.report}")
     for _, out in jobs:
-        if out.exists() and not args.overwrite:
-            raise UserError(f"{out} exists (pass --overwrite to replace it)")
+        refuse_existing(out, args.overwrite)
         if out.parent.exists() and not out.parent.is_dir():
             raise UserError(f"{out.parent} is a file, not a folder")
     reports = []
@@ -60,8 +59,7 @@ def run(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    return run_cli(parse_args, run, argv)
+main = command(parse_args, run)      # main(argv=None) -> exit code
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from sashimi import checkpoint
-from sashimi.cli import UserError, run_cli
+from sashimi.cli import UserError, command, refuse_existing
 from sashimi.model import ModelConfig, SaShiMi
 
 S4_KEYS = ("D", "kernel.inv_dt", "kernel.C", "kernel.B", "kernel.A_real", "kernel.A_imag", "kernel.P",
@@ -323,8 +323,7 @@ def parse_args(argv=None):
 
 def run(args) -> int:
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise UserError(f"{out} exists (pass --overwrite to replace it)")
+    refuse_existing(out, args.overwrite)
     if args.sample_rate < 1:
         raise UserError(f"--sample-rate must be >= 1, got {args.sample_rate}")
     cfg, state = convert(args.public, dt_transform=args.dt_transform, bits=args.bits,
@@ -343,8 +342,7 @@ def run(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    return run_cli(parse_args, run, argv)
+main = command(parse_args, run)      # main(argv=None) -> exit code
 
 
 if __name__ == "__main__":

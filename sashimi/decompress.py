@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from sashimi.cli import UserError, run_cli
+from sashimi.cli import command, refuse_existing
 from sashimi.codec import decompress
 
 
@@ -22,14 +22,12 @@ def parse_args(argv=None):
 
 def run(args) -> int:
     out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise UserError(f"{out} exists (pass --overwrite to replace it)")
+    refuse_existing(out, args.overwrite)
     decompress(args.checkpoint, args.input, out, progress=not args.quiet)
     return 0
 
 
-def main(argv=None) -> int:
-    return run_cli(parse_args, run, argv)
+main = command(parse_args, run)      # main(argv=None) -> exit code
 
 
 if __name__ == "__main__":

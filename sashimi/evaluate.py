@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from sashimi import checkpoint
-from sashimi.cli import UserError, check_out_dir, resolve_device, run_cli
+from sashimi.cli import UserError, check_out_dir, command, resolve_device
 from sashimi.model import LN2, ModelConfig, SaShiMi
 from sashimi.prefill import prefill
 from sashimi.s4 import S4Layer
@@ -369,8 +369,7 @@ def run(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    return run_cli(parse_args, run, argv)
+main = command(parse_args, run)      # main(argv=None) -> exit code
 
 
 if __name__ == "__main__":

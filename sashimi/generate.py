@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_leaves
 
 from kernels.profiling import nvtx_range
 from sashimi import checkpoint
-from sashimi.cli import UserError, check_out_dir, machine_memory, resolve_device, run_cli
+from sashimi.cli import UserError, check_out_dir, command, machine_memory, resolve_device
 from sashimi.checkpoint import CheckpointError
 from sashimi.model import SaShiMi
 from sashimi.prefill import prefill
@@ -407,8 +407,7 @@ def run(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    return run_cli(parse_args, run, argv)
+main = command(parse_args, run)      # main(argv=None) -> exit code
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from torch import nn
 from kernels.profiling import nvtx_range
 from kernels.reference import check_tokens
 from sashimi import checkpoint
-from sashimi.cli import UserError, check_out_dir, machine_memory, resolve_device, run_cli
+from sashimi.cli import UserError, check_out_dir, command, machine_memory, resolve_device
 from sashimi.checkpoint import CheckpointError
 from sashimi.layouts import LAYOUTS
 from sashimi.model import PRESETS, ModelConfig, SaShiMi, count_parameters
@@ -800,8 +800,7 @@ def write_training_sample(model: SaShiMi, out: Path, step: int, seconds: float, 
     model.train(was_training)
 
 
-def main(argv=None) -> int:
-    return run_cli(parse_args, run, argv)
+main = command(parse_args, run)      # main(argv=None) -> exit code
 
 
 if __name__ == "__main__":

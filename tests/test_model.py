@@ -57,6 +57,19 @@ def test_per_channel_split_follows_the_target():
     assert left.tolist() == [[1.0, 3.0, 5.0, 7.0]]
 
 
+def _train_a_little(m: SaShiMi) -> torch.Tensor:
+    """15 AdamW steps on one stereo batch (4, 129, 2), which it returns; leaves m in eval mode."""
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    batch = torch.randint(100, 156, (4, 129, 2))
+    for _ in range(15):
+        loss = m.nll_bits(batch).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    return batch
+
+
 def _step_outputs(m: SaShiMi, tokens: torch.Tensor) -> torch.Tensor:
     B = tokens.shape[0]
     flat = tokens.reshape(B, -1)
@@ -83,14 +96,7 @@ def test_recurrence_after_training(ssm):
     """Also after the weights moved away from their initialisation."""
     torch.manual_seed(3)
     m = SaShiMi(tiny(ssm=ssm, channels=2, seq_len=128))
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    batch = torch.randint(100, 156, (4, 129, 2))
-    for _ in range(15):
-        loss = m.nll_bits(batch).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    m.eval()
+    batch = _train_a_little(m)
     tokens = batch[:2, :128]
     with torch.no_grad():
         conv = m(tokens)
@@ -288,14 +294,7 @@ def test_frames_recurrence_reproduces_convolution(ssm, head):
 def test_frames_recurrence_after_training():
     torch.manual_seed(12)
     m = SaShiMi(frames_cfg(ssm="dplr", seq_len=128))
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    batch = torch.randint(100, 156, (4, 129, 2))
-    for _ in range(15):
-        loss = m.nll_bits(batch).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    m.eval()
+    batch = _train_a_little(m)
     with torch.no_grad():
         conv = m.nll_bits(batch[:2])
     assert_rel_close(_frame_step_nll(m, batch[:2]), conv, 1e-4, "frames step vs forward (trained)")

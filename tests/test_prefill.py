@@ -46,6 +46,28 @@ def _assert_states_close(actual, expected, tol, name):
             assert_rel_close(x, y, tol, f"{name}[{i}]")
 
 
+def _check_prompts(m: SaShiMi, positions: torch.Tensor, lengths) -> torch.Tensor:
+    """One stepped run through `positions` (snapshots of the state after each prompt length L);
+    prefill of the first L positions (block size b, for each (L, b) of `lengths`) leaves that
+    state and last output, and the FOLLOW steps after it agree. Returns the stepped outputs."""
+    state = m.default_state(positions.shape[0])
+    outs, snaps = [], {}
+    with torch.no_grad():
+        for t in range(positions.shape[1]):
+            outs.append(m.step(positions[:, t], state, t))
+            if t + 1 in {L for L, _ in lengths}:
+                snaps[t + 1] = _clone(state)
+    outs = torch.stack(outs, 1)
+    for L, block in lengths:
+        pre_state, last = prefill(m, positions[:, :L], block=block)
+        _assert_states_close(pre_state, snaps[L], 1e-5, f"state after {L}")
+        assert_rel_close(last, outs[:, L - 1], 1e-4, f"last output, prompt {L}")
+        with torch.no_grad():
+            follow = torch.stack([m.step(positions[:, t], pre_state, t) for t in range(L, L + FOLLOW)], 1)
+        assert_rel_close(follow, outs[:, L: L + FOLLOW], 1e-4, f"the {FOLLOW} steps after a prompt of {L}")
+    return outs
+
+
 @pytest.mark.parametrize("ssm,C,head", COMBOS)
 def test_prefill_equals_stepping(ssm, C, head):
     torch.manual_seed(10)
@@ -53,22 +75,7 @@ def test_prefill_equals_stepping(ssm, C, head):
     m.setup_step()
     T_max = max(L for L, _ in LENGTHS)
     tokens = torch.randint(0, 256, (2, T_max + FOLLOW))
-    # one stepped run through every prompt: snapshots of the state after each prompt length
-    state = m.default_state(2)
-    outs, snaps = [], {}
-    with torch.no_grad():
-        for t in range(T_max + FOLLOW):
-            outs.append(m.step(tokens[:, t], state, t))
-            if t + 1 in {L for L, _ in LENGTHS}:
-                snaps[t + 1] = _clone(state)
-    outs = torch.stack(outs, 1)
-    for L, block in LENGTHS:
-        pre_state, last = prefill(m, tokens[:, :L], block=block)
-        _assert_states_close(pre_state, snaps[L], 1e-5, f"state after {L}")
-        assert_rel_close(last, outs[:, L - 1], 1e-4, f"last output, prompt {L}")
-        with torch.no_grad():
-            follow = torch.stack([m.step(tokens[:, t], pre_state, t) for t in range(L, L + FOLLOW)], 1)
-        assert_rel_close(follow, outs[:, L: L + FOLLOW], 1e-4, f"the {FOLLOW} steps after a prompt of {L}")
+    outs = _check_prompts(m, tokens, LENGTHS)
     # every prompt position at once, and a float64 scan
     _, all_out = prefill(m, tokens[:, :37], block=16, return_all=True, dtype=torch.float64)
     assert_rel_close(all_out, outs[:, :37], 1e-4, "return_all")
@@ -187,21 +194,7 @@ def test_prefill_equals_stepping_frames(ssm, head):
     lengths = [(1, 128), (7, 128), (37, 8), (150, 64)]      # 150 > l_max = 64 frames
     T_max = max(L for L, _ in lengths)
     frames = torch.randint(0, 256, (2, T_max + FOLLOW, 2))
-    state = m.default_state(2)
-    outs, snaps = [], {}
-    with torch.no_grad():
-        for t in range(T_max + FOLLOW):
-            outs.append(m.step(frames[:, t], state, t))
-            if t + 1 in {L for L, _ in lengths}:
-                snaps[t + 1] = _clone(state)
-    outs = torch.stack(outs, 1)
-    for L, block in lengths:
-        pre_state, last = prefill(m, frames[:, :L], block=block)
-        _assert_states_close(pre_state, snaps[L], 1e-5, f"state after {L} frames")
-        assert_rel_close(last, outs[:, L - 1], 1e-4, f"last output, prompt {L}")
-        with torch.no_grad():
-            follow = torch.stack([m.step(frames[:, t], pre_state, t) for t in range(L, L + FOLLOW)], 1)
-        assert_rel_close(follow, outs[:, L: L + FOLLOW], 1e-4, f"the {FOLLOW} frames after {L}")
+    outs = _check_prompts(m, frames, lengths)
     _, all_out = prefill(m, frames[:, :37], block=16, return_all=True)
     assert_rel_close(all_out, outs[:, :37], 1e-4, "return_all")
     with pytest.raises(ValueError, match=r"\(batch, T, 2\) frames"):

@@ -86,17 +86,22 @@ def test_resume_after_ctrl_c_is_exact(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+def _scale_losses_from_the_4th(monkeypatch, factor: float) -> None:
+    """Every training loss from the 4th forward pass on is multiplied by `factor`."""
     from sashimi.model import SaShiMi
     real = SaShiMi.nll_bits
     calls = {"n": 0}
 
-    def poisoned(self, batch, **kw):
+    def scaled(self, batch, **kw):
         calls["n"] += 1
         out = real(self, batch, **kw)
-        return out * float("nan") if calls["n"] >= 4 else out
+        return out * factor if calls["n"] >= 4 else out
 
-    monkeypatch.setattr(SaShiMi, "nll_bits", poisoned)
+    monkeypatch.setattr(SaShiMi, "nll_bits", scaled)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    _scale_losses_from_the_4th(monkeypatch, float("nan"))
     out = tmp_path / "run"
     rc = train_main(["--stereo", "--steps", "8", "--checkpoint-every", "2", *FAST, "--out", str(out), "--device", "cpu"])
     assert rc == 3
@@ -246,16 +251,7 @@ def test_resume_applies_and_reports_changed_flags(tmp_path, capsys):
 
 def test_divergence_keeps_the_checkpoint_from_before(tmp_path, monkeypatch, capsys):
     """A loss far above a uniform guess is divergence: stop, and keep the checkpoint from before."""
-    from sashimi.model import SaShiMi
-    real = SaShiMi.nll_bits
-    calls = {"n": 0}
-
-    def exploding(self, batch, **kw):
-        calls["n"] += 1
-        out = real(self, batch, **kw)
-        return out * 1e3 if calls["n"] >= 4 else out
-
-    monkeypatch.setattr(SaShiMi, "nll_bits", exploding)
+    _scale_losses_from_the_4th(monkeypatch, 1e3)
     out = tmp_path / "run"
     rc = train_main(["--steps", "8", "--checkpoint-every", "2", *FAST, "--out", str(out), "--device", "cpu"])
     assert rc == 3

@@ -101,8 +101,9 @@ class Layout:
         return h
 
     def head_output(self, model, out: torch.Tensor, j: int, given: torch.Tensor | None = None) -> torch.Tensor:
-        """The head input-to-output of token j of the next position, from the step output `out`
-        and that position's tokens 0..j-1 (`given`, (..., j); None for j = 0)."""
+        """The head output (what `heads(model)[j]` scores) of token j of the next position, from
+        the step output `out` and that position's tokens 0..j-1 (`given`, (..., j); None for
+        j = 0)."""
         raise NotImplementedError
 
     def log_prob_next(self, model, out: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

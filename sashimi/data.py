@@ -706,7 +706,7 @@ def valid_batches(dataset, *, batch_size: int) -> list[torch.Tensor]:
 
 # ------------------------------------------------------------------------------- CLI (bench)
 
-def _bench(argv=None) -> None:
+def _bench_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m sashimi.data",
                                 description="Measure the data pipeline's throughput (tokens/s).")
     p.add_argument("--bench", metavar="DIR", required=True, help="folder of audio (or 'synthetic')")
@@ -718,7 +718,12 @@ def _bench(argv=None) -> None:
     p.add_argument("--batches", type=int, default=50)
     p.add_argument("--bits", type=int, default=8)
     p.add_argument("--quantization", default="mu-law")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def _bench(argv=None) -> None:
+    """Tokens/s of the training loader over a folder (or the synthetic source)."""
+    a = _bench_args(argv)
     try:
         ds = AudioCrops(None if a.bench == "synthetic" else a.bench, sample_rate=a.sample_rate,
                         channels=a.channels, crop_frames=a.crop,

@@ -138,11 +138,7 @@ def test_dplr_step_strided(triton_device):
     B, H, N, r = 3, 6, 5, 2
     state, us, c = make_dplr(B, H, N, r, 11, triton_device, steps=3)
     g = torch.Generator().manual_seed(12)
-    big = torch.randn(B, H + 1, N + 4, generator=g, dtype=torch.complex64).to(triton_device)
-    big[:, :H, 2:N + 2] = state
-    view = big[:, :H, 2:N + 2]
-    u_big = torch.randn(3, B, 2 * H, generator=g).to(triton_device)
-    u_big[:, :, ::2] = us
+    big, view, u_view = step_helpers.bigger_buffers(state, us, g)
     P_big = torch.randn(2 * r, H, N, generator=g, dtype=torch.complex64).to(triton_device)
     P_big[1::2] = c["P"]
     Q_perm = c["Q"].permute(1, 2, 0).contiguous().permute(2, 0, 1)   # (r, H, N), r innermost
@@ -154,40 +150,22 @@ def test_dplr_step_strided(triton_device):
     strided = dict(dA=c["dA"], dB=c["dB"], C=C_t, D=D_big[::2], P=P_big[1::2], Q=Q_perm,
                    W=W_big[..., ::2])
     assert not any(strided[k].is_contiguous() for k in ("C", "D", "P", "Q", "W"))
-
-    ys_ref, state_ref = reference_steps(state, us, c)
-    outside = big.clone()
-    outside[:, :H, 2:N + 2] = 0
-    ys = torch.stack([kernels.dplr_step(view, u_big[i, :, ::2], **strided, backend="triton")
-                      for i in range(3)])
-    assert_rel_close(ys, ys_ref, TOL, "y")
-    assert_rel_close(view, state_ref, TOL, "state")
-    rest = big.clone()
-    rest[:, :H, 2:N + 2] = 0
-    assert torch.equal(rest, outside), "the kernel wrote outside the state view"
+    step_helpers.check_strided(kernels.dplr_step, reference.dplr_step, state, us, c, big, view, u_view, strided)
 
 
 @pytest.mark.interpreter
 def test_dplr_step_real_planes_state(triton_device):
     """A state carried as float32 planes (B, H, N, 2) is updated in place, as the complex one."""
     state, us, c = make_dplr(3, 5, 7, 1, 31, triton_device, steps=3)
-    ys_ref, state_ref = reference_steps(state, us, c)
-    planes = torch.view_as_real(state).clone()
-    ys = triton_steps(planes, us, c)
-    assert_rel_close(ys, ys_ref, TOL, "y")
-    assert_rel_close(torch.view_as_complex(planes), state_ref, TOL, "state")
+    step_helpers.check_planes_state(kernels.dplr_step, reference.dplr_step, state, us, c)
 
 
 @pytest.mark.interpreter
 def test_dplr_step_no_grad_parameters(triton_device):
     """Under torch.inference_mode a parameter that requires grad is fine."""
     state, us, c = make_dplr(2, 3, 4, 1, 5, triton_device)
-    ys_ref, state_ref = reference_steps(state, us, c)
-    c["D"] = torch.nn.Parameter(c["D"])
-    with torch.inference_mode():
-        y = kernels.dplr_step(state, us[0], **c, backend="triton")
-    assert_rel_close(y, ys_ref[0], TOL, "y")
-    assert_rel_close(state, state_ref, TOL, "state")
+    step_helpers.check_parameter_without_grad_mode(kernels.dplr_step, reference.dplr_step, state, us, c,
+                                                   torch.inference_mode)
 
 
 def two_steps(state, u0, u1, dA, dB, C, D, P, Q, W):
@@ -201,16 +179,7 @@ def two_steps(state, u0, u1, dA, dB, C, D, P, Q, W):
 def test_dplr_step_compile(planes, triton_device):
     """torch.compile(fullgraph=True) traces two steps through the custom op (fake impl, mutation)."""
     state, us, c = make_dplr(2, 5, 6, 2, 21, triton_device, steps=2)
-    ys_ref, state_ref = reference_steps(state, us, c)
-    if planes:
-        state = torch.view_as_real(state).clone()
-    torch._dynamo.reset()
-    compiled = torch.compile(two_steps, fullgraph=True, backend="aot_eager")
-    ptr = state.data_ptr()
-    ys = compiled(state, us[0], us[1], **c)
-    assert state.data_ptr() == ptr
-    assert_rel_close(ys, ys_ref, TOL, "y")
-    assert_rel_close(torch.view_as_complex(state) if planes else state, state_ref, TOL, "state")
+    step_helpers.check_compiled(two_steps, reference.dplr_step, state, us, c, planes)
 
 
 @pytest.mark.interpreter
@@ -289,10 +258,7 @@ def test_dplr_reference_low_rank_matters():
 
 def test_dplr_step_reference_backend(device):
     state, us, c = make_dplr(2, 3, 4, 2, 2, device)
-    s2 = state.clone()
-    y = kernels.dplr_step(state, us[0], **c, backend="reference")
-    y2 = reference.dplr_step(s2, us[0], **c)
-    assert torch.equal(y, y2) and torch.equal(state, s2)
+    step_helpers.check_dispatch(kernels.dplr_step, reference.dplr_step, state, us, c, "reference")
 
 
 @pytest.mark.filterwarnings("ignore:dplr_step. no GPU")
@@ -300,9 +266,7 @@ def test_dplr_step_auto_falls_back_on_cpu():
     if interpreting():
         pytest.skip("under TRITON_INTERPRET=1 'auto' runs Triton on CPU")
     state, us, c = make_dplr(1, 2, 3, 1, 4, "cpu")
-    s2 = state.clone()
-    y = kernels.dplr_step(state, us[0], **c)  # warns once: running the reference
-    assert torch.equal(y, reference.dplr_step(s2, us[0], **c))
+    step_helpers.check_dispatch(kernels.dplr_step, reference.dplr_step, state, us, c, "auto")
 
 
 def _errors_case():

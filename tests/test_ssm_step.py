@@ -99,11 +99,7 @@ def test_ssm_step_strided(triton_device):
     B, H, N = 3, 6, 5
     state, us, consts = make_ssm(B, H, N, 11, triton_device, steps=3)
     g = torch.Generator().manual_seed(12)
-    big = torch.randn(B, H + 1, N + 4, generator=g, dtype=torch.complex64).to(triton_device)
-    big[:, :H, 2:N + 2] = state
-    view = big[:, :H, 2:N + 2]
-    u_big = torch.randn(3, B, 2 * H, generator=g).to(triton_device)
-    u_big[:, :, ::2] = us
+    big, view, u_view = step_helpers.bigger_buffers(state, us, g)
     dA_t = consts["dA"].t().contiguous().t()
     C_big = torch.randn(H, 2 * N, generator=g, dtype=torch.complex64).to(triton_device)
     C_big[:, 1::2] = consts["C"]
@@ -111,42 +107,22 @@ def test_ssm_step_strided(triton_device):
     D_big[::2] = consts["D"]
     strided = dict(dA=dA_t, dB=consts["dB"], C=C_big[:, 1::2], D=D_big[::2])
     assert not (view.is_contiguous() or dA_t.is_contiguous() or strided["C"].is_contiguous())
-
-    ys_ref, state_ref = reference_steps(state, us, consts)
-    outside = big.clone()
-    outside[:, :H, 2:N + 2] = 0
-    ys = torch.stack([kernels.ssm_step(view, u_big[i, :, ::2], **strided, backend="triton")
-                      for i in range(3)])
-    assert_rel_close(ys, ys_ref, TOL, "y")
-    assert_rel_close(view, state_ref, TOL, "state")
-    rest = big.clone()
-    rest[:, :H, 2:N + 2] = 0
-    assert torch.equal(rest, outside), "the kernel wrote outside the state view"
+    step_helpers.check_strided(kernels.ssm_step, reference.ssm_step, state, us, consts, big, view, u_view, strided)
 
 
 @pytest.mark.interpreter
 def test_ssm_step_no_grad_parameters(triton_device):
     """Under torch.no_grad a parameter that requires grad is fine (generation passes self.D)."""
     state, us, consts = make_ssm(2, 3, 4, 5, triton_device)
-    ys_ref, state_ref = reference_steps(state, us, consts)
-    consts["D"] = torch.nn.Parameter(consts["D"])
-    with torch.no_grad():
-        y = kernels.ssm_step(state, us[0], **consts, backend="triton")
-    assert_rel_close(y, ys_ref[0], TOL, "y")
-    assert_rel_close(state, state_ref, TOL, "state")
+    step_helpers.check_parameter_without_grad_mode(kernels.ssm_step, reference.ssm_step, state, us, consts,
+                                                   torch.no_grad)
 
 
 @pytest.mark.interpreter
 def test_ssm_step_real_planes_state(triton_device):
     """A state carried as float32 planes (B, H, N, 2) is updated in place, as the complex one."""
     state, us, consts = make_ssm(3, 5, 7, 31, triton_device, steps=3)
-    ys_ref, state_ref = reference_steps(state, us, consts)
-    planes = torch.view_as_real(state).clone()
-    ptr = planes.data_ptr()
-    ys = triton_steps(planes, us, consts)
-    assert planes.data_ptr() == ptr
-    assert_rel_close(ys, ys_ref, TOL, "y")
-    assert_rel_close(torch.view_as_complex(planes), state_ref, TOL, "state")
+    step_helpers.check_planes_state(kernels.ssm_step, reference.ssm_step, state, us, consts)
 
 
 def two_steps(state, u0, u1, dA, dB, C, D):
@@ -160,16 +136,7 @@ def two_steps(state, u0, u1, dA, dB, C, D):
 def test_ssm_step_compile(planes, triton_device):
     """torch.compile(fullgraph=True) traces two steps through the custom op (fake impl, mutation)."""
     state, us, consts = make_ssm(2, 5, 6, 21, triton_device, steps=2)
-    ys_ref, state_ref = reference_steps(state, us, consts)
-    if planes:
-        state = torch.view_as_real(state).clone()
-    torch._dynamo.reset()
-    compiled = torch.compile(two_steps, fullgraph=True, backend="aot_eager")
-    ptr = state.data_ptr()
-    ys = compiled(state, us[0], us[1], **consts)
-    assert state.data_ptr() == ptr
-    assert_rel_close(ys, ys_ref, TOL, "y")
-    assert_rel_close(torch.view_as_complex(state) if planes else state, state_ref, TOL, "state")
+    step_helpers.check_compiled(two_steps, reference.ssm_step, state, us, consts, planes)
 
 
 @pytest.mark.gpu
@@ -181,13 +148,7 @@ def test_ssm_step_compile_inductor(triton_device):
     takes 20-30 s on the 2-core CI box (it passed there under the interpreter when run by hand)."""
     for planes in (False, True):
         state, us, consts = make_ssm(2, 5, 6, 22, triton_device, steps=2)
-        ys_ref, state_ref = reference_steps(state, us, consts)
-        if planes:
-            state = torch.view_as_real(state).clone()
-        torch._dynamo.reset()
-        ys = torch.compile(two_steps, fullgraph=True)(state, us[0], us[1], **consts)
-        assert_rel_close(ys, ys_ref, TOL, "y")
-        assert_rel_close(torch.view_as_complex(state) if planes else state, state_ref, TOL, "state")
+        step_helpers.check_compiled(two_steps, reference.ssm_step, state, us, consts, planes, backend=None)
 
 
 @pytest.mark.interpreter
@@ -242,10 +203,7 @@ def test_ssm_step_reference_matches_naive():
 def test_ssm_step_reference_backend(device):
     """backend="reference" runs kernels.reference.ssm_step (in place, same answer)."""
     state, us, consts = make_ssm(2, 3, 4, 2, device)
-    s2 = state.clone()
-    y = kernels.ssm_step(state, us[0], **consts, backend="reference")
-    y2 = reference.ssm_step(s2, us[0], **consts)
-    assert torch.equal(y, y2) and torch.equal(state, s2)
+    step_helpers.check_dispatch(kernels.ssm_step, reference.ssm_step, state, us, consts, "reference")
 
 
 @pytest.mark.filterwarnings("ignore:ssm_step. no GPU")
@@ -253,9 +211,7 @@ def test_ssm_step_auto_falls_back_on_cpu():
     if interpreting():
         pytest.skip("under TRITON_INTERPRET=1 'auto' runs Triton on CPU")
     state, us, consts = make_ssm(1, 2, 3, 4, "cpu")
-    s2 = state.clone()
-    y = kernels.ssm_step(state, us[0], **consts)  # warns once: running the reference
-    assert torch.equal(y, reference.ssm_step(s2, us[0], **consts))
+    step_helpers.check_dispatch(kernels.ssm_step, reference.ssm_step, state, us, consts, "auto")
 
 
 def _errors_case():

@@ -62,13 +62,13 @@ def test_trains_and_the_side_has_its_own_grid():
     x = torch.randint(32000, 33000, (4, 65, 1))
     batch = torch.cat([x, x + torch.randint(-3, 4, x.shape)], -1)
     first = None
-    for _ in range(12):
+    for _ in range(8):
         loss = m.nll_bits(batch).mean()
         first = first if first is not None else loss.item()
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert loss.item() < first - 0.5
+    assert loss.item() < first - 0.3
 
 
 def test_recurrence_reproduces_convolution():
@@ -125,14 +125,14 @@ def test_codec_round_trip_is_bit_exact(tmp_path, checkpoint_path):
     from sashimi.compress import main as compress_main
     from sashimi.decompress import main as decompress_main
     rng = np.random.default_rng(0)
-    n = 157
+    n = 41
     left = (8000 * np.sin(np.arange(n) / 5) + rng.integers(-50, 50, n)).astype(np.int16)
     pcm = np.stack([left, left // 2 + 7], 1)
     pcm[:3] = [[32767, -32768], [-32768, 32767], [-1, 0]]                # S at both ends of its grid
     src = tmp_path / "in.wav"
     sf.write(str(src), pcm, RATE, subtype="PCM_16")
     assert compress_main(["--checkpoint", str(checkpoint_path), str(src), str(tmp_path / "x.sash"),
-                          "--chunk-seconds", str(60 / RATE), "--quiet", "--report", str(tmp_path / "r.json")]) == 0
+                          "--chunk-seconds", str(20 / RATE), "--quiet", "--report", str(tmp_path / "r.json")]) == 0
     assert decompress_main(["--checkpoint", str(checkpoint_path), str(tmp_path / "x.sash"),
                             str(tmp_path / "out.wav"), "--quiet"]) == 0
     assert np.array_equal(sf.read(str(tmp_path / "out.wav"), dtype="int16")[0], pcm)

@@ -52,6 +52,12 @@ class ModelConfig:
     tie_weights: bool = False
     stereo_layout: str = "interleave"  # a name in sashimi.layouts.LAYOUTS (docs/layouts.md)
     embed_init: str = "ordinal"    # "ordinal" (amplitude-aware, see ordinal_embedding) or "normal"
+    # the sample values enter as numbers (a linear projection beside the token table, which then
+    # starts at zero) and the DML means are small offsets from a fixed second-order prediction
+    # of the predicted channel (2 x_t - x_{t-1}, FLAC's "fixed order 2"): what makes a 16-bit
+    # linear model a predictor (a 65,536-row table alone is not). The layout adds both; every
+    # layout but stereo interleave takes it.
+    value_input: bool = False
     kernel_backend: str = "auto"
 
     def __post_init__(self):
@@ -67,6 +73,8 @@ class ModelConfig:
             problems.append(f"bits must be 8 or 16, got {self.bits}")
         if self.embed_init not in ("ordinal", "normal"):
             problems.append(f"embed_init must be 'ordinal' or 'normal', got {self.embed_init!r}")
+        if self.value_input and self.tie_weights:
+            problems.append("value_input needs untied weights (its token table starts at zero)")
         if self.tie_weights and self.head != "categorical":
             problems.append("weight tying needs the categorical head")
         from sashimi.layouts import LAYOUTS, layout_class   # the layouts build on this module
@@ -404,6 +412,12 @@ class Backbone(nn.Module):
 # --------------------------------------------------------------------------------------------
 # heads
 # --------------------------------------------------------------------------------------------
+def grid_values(tokens: torch.Tensor, levels: int) -> torch.Tensor:
+    """Tokens k -> their place on the head's grid, 2k / (levels - 1) - 1 in [-1, 1] (float32):
+    the DML head's bin centres, and the sample value itself for linear quantisation."""
+    return tokens.float() * (2.0 / (levels - 1)) - 1.0
+
+
 class CategoricalHead(nn.Module):
     """Logits over the 2^bits tokens."""
 
@@ -418,6 +432,24 @@ class CategoricalHead(nn.Module):
     def log_prob(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Natural-log probability of each target token: out (..., V), target (...)."""
         return -F.cross_entropy(out.float().flatten(0, -2), target.flatten(), reduction="none").view(target.shape)
+
+    def cdf_at(self, out: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+        """P(token < e) for integer edges e in [0, levels] (B, E), float64 (the codec's
+        interval): the table of the current step only."""
+        return self.cdf(out)(edges)
+
+    def cdf(self, out: torch.Tensor):
+        """`cdf_at` for several edge sets of the same outputs: the table's sums made once."""
+        cdf = F.pad(torch.softmax(out.double(), -1).cumsum(-1), (1, 0)).clamp_(max=1.0)
+        cdf[..., -1] = 1.0     # exactly, as the DML head's last edge
+        return lambda edges: cdf.gather(-1, edges.long().clamp(0, self.levels))
+
+    @staticmethod
+    def anchored(out: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        return out  # a table has no location to move
+
+    def init_for_prediction(self) -> None:
+        pass
 
     @torch.no_grad()
     def sample(self, out: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
@@ -438,31 +470,53 @@ class CategoricalHead(nn.Module):
         token = (logits - torch.log(-torch.log(u))).argmax(-1)
         return token, logp_model.gather(-1, token[:, None]).squeeze(-1)
 
-    def probabilities(self, out: torch.Tensor) -> torch.Tensor:
-        """float64 probabilities (..., levels) of every token (what a coder needs)."""
-        return torch.softmax(out.double(), -1)
-
 
 class DMLHead(nn.Module):
-    """Discretised mixture of logistics over the token grid mapped to [-1, 1] (PixelCNN++)."""
+    """Discretised mixture of logistics over the token grid mapped to [-1, 1] (PixelCNN++).
+
+    Token k sits at x_k = 2k / (levels - 1) - 1; its bin is [x_k - half, x_k + half) with
+    half = 1 / (levels - 1), the end bins open to -inf / +inf. `params` is the one definition
+    of the mixture; `log_prob` (training, float32, numerically stable form) and `cdf_at` (the
+    codec, float64) are both computed from it."""
 
     def __init__(self, d: int, levels: int, n_mixtures: int = 10):
         super().__init__()
         self.linear = nn.Linear(d, 3 * n_mixtures)
         self.levels, self.m = levels, n_mixtures
+        # the narrowest logistic: a bin is ~5 scale units wide, so one bin can hold ~87% of a
+        # component at any bit depth (8-bit keeps the historical -7, 16-bit goes to -12.1)
+        self.min_log_scale = min(-7.0, math.log(1.0 / (levels - 1)) - 1.0)
 
     def forward(self, x):
         return self.linear(x)
 
-    def _split(self, out):
-        out = out.float()
-        logit_w, mean, log_s = out.split(self.m, dim=-1)
-        return logit_w, mean, log_s.clamp(min=-7.0)
+    def params(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Head output (..., 3m) -> (log weights, means, log scales), each (..., m), float32."""
+        logit_w, mean, log_s = out.float().split(self.m, dim=-1)
+        return torch.log_softmax(logit_w, -1), mean, log_s.clamp(min=self.min_log_scale)
+
+    # value_input: the network's mean outputs are corrections in units of 2^-7 of full scale
+    # (128 16-bit steps): an optimiser step then moves a mean by about lr x 2^-7, fine enough for
+    # 16-bit prediction (unscaled, Adam's steps alone jitter the means by thousands of steps)
+    DELTA_SCALE = 2.0 ** -7
+    INIT_LOG_SCALE = math.log(2.0 ** -8)     # a typical CD-music residual, ~128 16-bit steps
+
+    def init_for_prediction(self) -> None:
+        """value_input models start at the anchor with a residual-sized scale."""
+        with torch.no_grad():
+            self.linear.bias[2 * self.m:] = self.INIT_LOG_SCALE
+
+    @classmethod
+    def anchored(cls, out: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        """The head output with the mixture means made anchor + DELTA_SCALE x the network's
+        corrections (ModelConfig.value_input): anchor (...,) on the grid of [-1, 1]."""
+        w, mean, log_s = out.float().split(out.shape[-1] // 3, dim=-1)
+        return torch.cat([w, anchor.float().unsqueeze(-1) + cls.DELTA_SCALE * mean, log_s], -1)
 
     def log_prob(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logit_w, mean, log_s = self._split(out)
+        log_w, mean, log_s = self.params(out)
         half = 1.0 / (self.levels - 1)                      # half a bin in [-1, 1]
-        x = (2.0 * target.float() / (self.levels - 1) - 1.0).unsqueeze(-1)
+        x = grid_values(target, self.levels).unsqueeze(-1)
         centred = x - mean
         inv_s = torch.exp(-log_s)
         plus, minus = inv_s * (centred + half), inv_s * (centred - half)
@@ -475,30 +529,36 @@ class DMLHead(nn.Module):
                               log_pdf_mid + math.log(2 * half))
         edge_lo, edge_hi = (target == 0).unsqueeze(-1), (target == self.levels - 1).unsqueeze(-1)
         log_p = torch.where(edge_lo, log_cdf_plus, torch.where(edge_hi, log_one_minus_cdf_min, log_bin))
-        return torch.logsumexp(log_p + torch.log_softmax(logit_w, -1), dim=-1)
+        return torch.logsumexp(log_p + log_w, dim=-1)
+
+    def cdf_at(self, out: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+        """P(token < e) for integer edges e in [0, levels] (B, E), from head outputs (B, 3m):
+        float64 (B, E). Edge 0 is 0 and edge `levels` is 1 exactly (the open end bins)."""
+        return self.cdf(out)(edges)
+
+    def cdf(self, out: torch.Tensor):
+        """`cdf_at` for several edge sets of the same outputs: the mixture prepared once."""
+        log_w, mean, log_s = (t.double() for t in self.params(out))
+        w, inv_s = torch.exp(log_w)[:, :, None], torch.exp(-log_s)[:, None, :]
+        mean = mean[:, None, :]
+
+        def at(edges: torch.Tensor) -> torch.Tensor:
+            x = edges.double().mul(2.0 / (self.levels - 1)).sub_(1.0 + 1.0 / (self.levels - 1))
+            z = (x[:, :, None] - mean).mul_(inv_s).sigmoid_()
+            cdf = torch.bmm(z, w)[..., 0]           # the mixture: sum_j w_j sigmoid((x - mu_j) / s_j)
+            return cdf.masked_fill_(edges <= 0, 0.0).masked_fill_(edges >= self.levels, 1.0)
+        return at
 
     @torch.no_grad()
     def sample(self, out, temperature: float = 1.0, top_p: float = 1.0, generator=None):
-        logit_w, mean, log_s = self._split(out)
-        g = torch.rand(logit_w.shape, device=out.device, generator=generator).clamp_(1e-20, 1.0)
-        k = (logit_w / max(temperature, 1e-6) - torch.log(-torch.log(g))).argmax(-1, keepdim=True)
+        log_w, mean, log_s = self.params(out)
+        g = torch.rand(log_w.shape, device=out.device, generator=generator).clamp_(1e-20, 1.0)
+        k = (log_w / max(temperature, 1e-6) - torch.log(-torch.log(g))).argmax(-1, keepdim=True)
         mu, s = mean.gather(-1, k).squeeze(-1), torch.exp(log_s.gather(-1, k).squeeze(-1))
         u = torch.rand(mu.shape, device=out.device, generator=generator).clamp_(1e-5, 1 - 1e-5)
         x = (mu + s * temperature * (torch.log(u) - torch.log1p(-u))).clamp(-1.0, 1.0)
         token = torch.round((x + 1.0) / 2.0 * (self.levels - 1)).long()
         return token, self.log_prob(out, token)
-
-    def probabilities(self, out: torch.Tensor) -> torch.Tensor:
-        """float64 probabilities (..., levels) of every token: bin k gets sum_j w_j
-        (sigmoid((e_k+1 - mu_j)/s_j) - sigmoid((e_k - mu_j)/s_j)), the outer edges at -inf / +inf
-        (as log_prob), renormalised."""
-        logit_w, mean, log_s = (t.double() for t in self._split(out))
-        half = 1.0 / (self.levels - 1)
-        edges = torch.linspace(-1.0 - half, 1.0 + half, self.levels + 1, dtype=torch.float64, device=out.device)
-        cdf = torch.sigmoid((edges - mean[..., None]) * torch.exp(-log_s)[..., None])
-        cdf[..., 0], cdf[..., -1] = 0.0, 1.0
-        p = (torch.softmax(logit_w, -1)[..., None] * cdf.diff(dim=-1)).sum(-2)
-        return p / p.sum(-1, keepdim=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -518,6 +578,8 @@ class SaShiMi(nn.Module):
                 self.head.linear.weight = self.embedding.weight
         else:
             self.head = DMLHead(D, V, cfg.n_mixtures)
+        if cfg.value_input:
+            self.head.init_for_prediction()
 
     def encode(self, tokens: torch.Tensor, check_tokens: bool = True) -> torch.Tensor:
         """tokens (B, L, C) -> the backbone's input (B, positions, D), as the layout embeds
@@ -536,7 +598,7 @@ class SaShiMi(nn.Module):
             raise ValueError(f"tokens must be (batch, frames, {self.cfg.channels}), got {tuple(tokens.shape)}")
         h = self.backbone(self.encode(tokens, check_tokens))
         with nvtx_range("sashimi/model/head"):
-            return self.layout.forward(self, h, next_left, check_tokens)
+            return self.layout.forward(self, tokens, h, next_left, check_tokens)
 
     def nll_bits(self, batch: torch.Tensor, check_tokens: bool = True) -> torch.Tensor:
         """batch: tokens (B, L + 1, C). Returns the NLL of every target, in bits, (B, L*C), in
@@ -555,7 +617,10 @@ class SaShiMi(nn.Module):
 
     def default_state(self, batch: int, device=None):
         device = self.embedding.weight.device if device is None else device
-        return self.backbone.default_state(batch, device)
+        state = self.backbone.default_state(batch, device)
+        if self.cfg.value_input:   # the last position's values, for the anchors (0 at the start)
+            state["values"] = torch.zeros(batch, self.cfg.step_tokens, device=device)
+        return state
 
     def embed_steps(self, tokens: torch.Tensor) -> torch.Tensor:
         """The backbone input of positions (the layout's: one token (...,) or a frame
@@ -566,13 +631,17 @@ class SaShiMi(nn.Module):
         """Position t -> the step output that the next position's tokens are drawn from (see
         sample_next / log_prob_next). `state` (from default_state) is updated in place.
         One token per position: token t (B,) -> head output for token t + 1; a frame per
-        position: frame t (B, C) -> the backbone output h_t (B, D) (the second channel's head
-        input depends on the first, sampled from it)."""
-        return self.step_output(self.backbone.step(self.embed_steps(token), state, t))
+        position: frame t (B, C) -> the backbone output h_t (B, D), with value_input followed
+        by the frame's anchors (the second channel's head input depends on the first, sampled
+        from it)."""
+        h = self.backbone.step(self.embed_steps(token), state, t)
+        return self.layout.after_step(self, token, h, state)
 
-    def step_output(self, h: torch.Tensor) -> torch.Tensor:
-        """What `step` returns for backbone outputs h (..., D) (prefill's `out`)."""
-        return self.layout.step_output(self, h)
+    def prefill_output(self, positions: torch.Tensor, h: torch.Tensor, state, return_all: bool) -> torch.Tensor:
+        """prefill's `out` from the backbone outputs h (B, T, D) of `positions`: what `step`
+        returns after the last position (B, ...), or after every one (B, T, ...); `state` gets
+        what the steps would leave beside the backbone's."""
+        return self.layout.prefill_output(self, positions, h, state, return_all)
 
     @torch.no_grad()
     def sample_next(self, out: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
@@ -586,12 +655,6 @@ class SaShiMi(nn.Module):
         """Natural-log probability of the next position's tokens (..., step_tokens) given step
         outputs `out` (..., out dim): (..., step_tokens)."""
         return self.layout.log_prob_next(self, out, tokens)
-
-    def head_outputs(self, out: torch.Tensor, left: torch.Tensor | None = None) -> torch.Tensor:
-        """The head output of the next position's first token (left=None), or of its second
-        given the first (= left). (The codec codes token by token.)"""
-        return self.layout.head_output(self, out, 0 if left is None else 1,
-                                       None if left is None else left[..., None])
 
 
 def embedding_init(levels: int, d: int, embed_init: str, seed: int = 0) -> torch.Tensor:

@@ -108,5 +108,4 @@ def prefill(model: SaShiMi, tokens: torch.Tensor, *, block: int = 128, dtype: to
         raise RuntimeError("call model.setup_step() before prefill()")
     state = model.default_state(B)
     h = _backbone(model.backbone, model.embed_steps(tokens), state, block, dtype)
-    out = model.step_output(h if return_all else h[:, -1])
-    return state, out
+    return state, model.prefill_output(tokens, h, state, return_all)

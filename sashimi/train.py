@@ -72,7 +72,7 @@ class TrainConfig:
 # channels): read in one place each (model_flags, train_config_from_args), so a new flag is a
 # parser line plus its name here.
 MODEL_FLAGS = ("ssm", "bits", "quantization", "head", "n_mixtures", "tie_weights", "sample_rate",
-               "seq_len", "stereo_layout")
+               "seq_len", "stereo_layout", "value_input")
 TRAIN_FLAGS = ("data", "steps", "batch_size", "lr", "precision", "seed", "num_workers", "val_every",
                "checkpoint_every", "sample_every", "sample_seconds", "compile", "deterministic",
                "val_data", "val_crops")
@@ -95,6 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--head", choices=("categorical", "dml"), default=None, help="default categorical")
     p.add_argument("--n-mixtures", type=int, default=None, help="DML mixtures (default 10)")
     p.add_argument("--tie-weights", action="store_true", default=None, help="tie the categorical head to the embedding")
+    p.add_argument("--value-input", action=argparse.BooleanOptionalAction, default=None,
+                   help="the sample values enter as numbers and the DML means are corrections to a fixed "
+                        "2nd-order prediction (default: on for --quantization linear, mono or frames)")
     p.add_argument("--sample-rate", type=int, default=None, help="model sample rate in Hz (default 16000)")
     p.add_argument("--seq-len", type=int, default=None, help="frames per training example (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=None, help="examples per step per process (default 8)")
@@ -148,10 +151,21 @@ def model_flags(args) -> dict:
 def model_config_from_args(args) -> ModelConfig:
     preset = dict(PRESETS[args.preset or "tiny"])
     preset.update({k: v for k, v in model_flags(args).items() if v is not None})
+    if args.value_input is None:   # on for linear audio wherever the layout takes values
+        preset["value_input"] = preset.get("quantization") == "linear" and _takes_values(preset)
     try:
         return ModelConfig(**preset)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+
+
+def _takes_values(fields: dict) -> bool:
+    """Whether a model of these config fields can take value_input (ModelConfig says)."""
+    try:
+        ModelConfig(**dict(fields, value_input=True))
+        return True
+    except ValueError:
+        return False
 
 
 def train_config_from_args(args, base: TrainConfig | None = None) -> TrainConfig:

@@ -33,7 +33,7 @@ def test_mid_side_is_exactly_invertible():
     left, right = tokens[:, 0] - 32768, tokens[:, 1] - 32768       # signed samples
     assert torch.equal(ms[:, 0] - 32768, torch.div(left + right, 2, rounding_mode="floor"))
     assert torch.equal(ms[:, 1] - (LEVELS - 1), left - right)
-    assert ms[2].tolist() == [32767, 0] and ms[3].tolist() == [32767, SIDE_LEVELS - 1]   # S = -65535, +65535
+    assert ms[2].tolist() == [32767, 0] and ms[3].tolist() == [32767, SIDE_LEVELS - 2]   # S = -65535, +65535
 
 
 def test_config_errors():

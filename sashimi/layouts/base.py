@@ -15,13 +15,19 @@ is. It owns:
   position's tokens are predicted in channel order, token j by `heads(model)[j]` from
   `head_output(model, out, j, given)` (`given`: the position's tokens 0..j-1, e.g. R given L);
 - the order of the training targets (`nll_bits`) and their split by channel (`per_channel`);
-- what `data` crops: `crop_frames` frames per training example.
+- what `data` crops: `crop_frames` frames per training example;
+- with `ModelConfig.value_input`, the values: each token's place on its head's grid enters the
+  embedding through `model.value_in`, and the heads' means are offsets from a fixed
+  second-order prediction of each channel slot (`anchors`), carried through the recurrence in
+  the state's "values".
 """
 from __future__ import annotations
 
 import math
 
 import torch
+
+from sashimi.model import grid_values
 
 LN2 = math.log(2.0)
 
@@ -95,10 +101,50 @@ class Layout:
         """Positions (model tokens, (...,) or (..., step_tokens)) -> (..., D). No range check."""
         raise NotImplementedError
 
+    # -- values (value_input) -------------------------------------------------------------------
+    def values(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The model's tokens of positions (..., step_tokens) -> their places on their heads'
+        grids in [-1, 1] (float32): the sample values themselves for linear quantisation."""
+        return torch.stack([grid_values(tokens[..., j], self.levels(j)) for j in range(tokens.shape[-1])], -1)
+
+    def with_values(self, model, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The embedding x (..., D) of positions (..., step_tokens) plus their values' projection."""
+        return x if model.value_in is None else x + model.value_in(self.values(tokens))
+
+    def anchors(self, tokens: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """The fixed prediction the head's means are offset from, per position and channel slot:
+        2 v_p - v_{p-1} of the values v (B, T, step_tokens) of positions' tokens; v_{-1} is
+        `previous` (B, step_tokens), 0 when None (a sequence's start)."""
+        v = self.values(tokens)
+        before = torch.zeros_like(v[:, :1]) if previous is None else previous[:, None].to(v.dtype)
+        return 2.0 * v - torch.cat([before, v[:, :-1]], 1)
+
     # -- heads and targets ----------------------------------------------------------------------
-    def step_output(self, model, h: torch.Tensor) -> torch.Tensor:
-        """What a recurrent step returns for backbone outputs h (..., D)."""
-        return h
+    def step_output(self, model, h: torch.Tensor, anchor: torch.Tensor | None = None) -> torch.Tensor:
+        """What a recurrent step returns for backbone outputs h (..., D): h, followed (with
+        value_input) by the next position's anchors (..., step_tokens)."""
+        return h if anchor is None else torch.cat([h, anchor], -1)
+
+    def after_step(self, model, positions: torch.Tensor, h: torch.Tensor, state) -> torch.Tensor:
+        """The step output of a recurrent step over `positions` (B,) or (B, step_tokens) that
+        gave backbone outputs h (B, D); keeps their values in the state (value_input)."""
+        if not self.cfg.value_input:
+            return self.step_output(model, h)
+        per_position = positions.view(positions.shape[0], 1, -1)
+        anchor = self.anchors(per_position, state["values"])[:, 0]
+        state["values"].copy_(self.values(per_position)[:, 0])
+        return self.step_output(model, h, anchor)
+
+    def prefill_output(self, model, positions: torch.Tensor, h: torch.Tensor, state, return_all: bool):
+        """The step outputs of all T positions (B, T, ...) at once (return_all), or of the last."""
+        anchor = None
+        if self.cfg.value_input:
+            per_position = positions.view(positions.shape[0], positions.shape[1], -1)
+            anchor = self.anchors(per_position)
+            state["values"].copy_(self.values(per_position[:, -1]))
+        if not return_all:
+            h, anchor = h[:, -1], None if anchor is None else anchor[:, -1]
+        return self.step_output(model, h, anchor)
 
     def head_output(self, model, out: torch.Tensor, j: int, given: torch.Tensor | None = None) -> torch.Tensor:
         """The head output (what `heads(model)[j]` scores) of token j of the next position, from
@@ -126,10 +172,12 @@ class Layout:
             logp = logp + lp
         return torch.stack(tokens, 1), logp
 
-    def forward(self, model, h: torch.Tensor, next_tokens: torch.Tensor | None, check_tokens: bool) -> torch.Tensor:
-        """Training: backbone outputs (B, P, D) -> head outputs. `next_tokens`: the model's tokens
-        of the positions after each (what a head conditions on), when the layout needs them."""
-        return model.head(h)
+    def forward(self, model, tokens: torch.Tensor, h: torch.Tensor, next_tokens: torch.Tensor | None,
+                check_tokens: bool) -> torch.Tensor:
+        """Training: the backbone outputs h (B, P, D) of quantiser tokens (B, L, C) -> head
+        outputs. `next_tokens`: the model's tokens of the positions after each (what a head
+        conditions on), when the layout needs them."""
+        raise NotImplementedError
 
     def nll_bits(self, model, batch: torch.Tensor, check_tokens: bool = True) -> torch.Tensor:
         """batch: quantiser tokens (B, L + 1, C) -> NLL of every target in bits (B, L*C), in

@@ -18,7 +18,7 @@ from torch import nn
 import kernels
 from kernels.profiling import nvtx_range
 from sashimi.layouts.base import LN2, Layout
-from sashimi.model import FeedForward, Residual, embedding_init
+from sashimi.model import FeedForward, Residual, embedding_init, grid_values
 
 
 class RightGivenLeft(nn.Module):
@@ -28,11 +28,14 @@ class RightGivenLeft(nn.Module):
     feed-forward block, so the second channel's distribution can depend on the first jointly
     with the context (a linear head on h + E[first] could only add a per-token bias)."""
 
-    def __init__(self, d: int, levels: int, expand: int, embed_init: str = "ordinal"):
+    def __init__(self, d: int, levels: int, expand: int, embed_init: str = "ordinal", value_input: bool = False):
         super().__init__()
         self.embedding = nn.Embedding(levels, d)
         with torch.no_grad():
             self.embedding.weight.copy_(embedding_init(levels, d, embed_init, seed=7))
+            if value_input:   # as the model's own table: the first channel's value says what its row would
+                self.embedding.weight.zero_()
+        self.value_in = nn.Linear(1, d) if value_input else None
         self.block = Residual(d, FeedForward(d, expand))
 
     def forward(self, h: torch.Tensor, left: torch.Tensor, check_tokens: bool = False,
@@ -44,6 +47,8 @@ class RightGivenLeft(nn.Module):
                                          backend=backend)
         else:
             e = F.embedding(left.long(), self.embedding.weight)
+        if self.value_in is not None:
+            e = e + self.value_in(grid_values(left, self.embedding.num_embeddings).unsqueeze(-1))
         return self.block(h + e)
 
 
@@ -68,32 +73,45 @@ class Frames(Layout):
         with torch.no_grad():
             for c in range(C):  # distinct tables, so that L and R are told apart at init
                 model.embedding.weight[c * V:(c + 1) * V] = embedding_init(V, D, cfg.embed_init, c) / math.sqrt(C)
-        model.right = RightGivenLeft(D, V, max(cfg.ff, 1), cfg.embed_init)
+            if cfg.value_input:  # the values carry the amplitude; the tables learn corrections
+                model.embedding.weight.zero_()
+        model.value_in = nn.Linear(C, D) if cfg.value_input else None
+        model.right = RightGivenLeft(D, V, max(cfg.ff, 1), cfg.embed_init, cfg.value_input)
 
     def tables(self, model) -> torch.Tensor:
         """The embedding as kernels.embed_frames takes it: (C, V, D)."""
         return model.embedding.weight.view(self.cfg.channels, self.cfg.levels, -1)
 
     def encode(self, model, tokens, check_tokens=True):
-        return kernels.embed_frames(tokens, self.tables(model), check=check_tokens,
-                                    deterministic=torch.are_deterministic_algorithms_enabled(),
-                                    backend=self.cfg.kernel_backend)
+        x = kernels.embed_frames(tokens, self.tables(model), check=check_tokens,
+                                 deterministic=torch.are_deterministic_algorithms_enabled(),
+                                 backend=self.cfg.kernel_backend)
+        return self.with_values(model, x, tokens)
 
     def embed_steps(self, model, positions):
         offsets = torch.arange(self.cfg.channels, device=positions.device) * self.cfg.levels
-        return F.embedding(positions.long() + offsets, model.embedding.weight).sum(-2)
+        return self.with_values(model, F.embedding(positions.long() + offsets, model.embedding.weight).sum(-2),
+                                positions)
 
     def head_output(self, model, out, j, given=None):
-        return self.heads(model)[j](out if j == 0 else model.right(out, given[..., 0]))
+        D = self.cfg.d_model
+        h = out[..., :D]               # value_input: the anchors follow h
+        head = self.heads(model)[j]
+        o = head(h if j == 0 else model.right(h, given[..., 0]))
+        return o if not self.cfg.value_input else head.anchored(o, out[..., D + j])
 
-    def forward(self, model, h, next_tokens, check_tokens):
+    def forward(self, model, tokens, h, next_tokens, check_tokens):
         if next_tokens is None or next_tokens.shape != h.shape[:2]:
             raise ValueError(f"the {self.name} layout needs next_left {tuple(h.shape[:2])} (the first "
                              f"channel of the next frames), got "
                              f"{None if next_tokens is None else tuple(next_tokens.shape)}")
-        first, second = self.heads(model)
+        heads = self.heads(model)
         right = model.right(h, next_tokens, check_tokens, self.cfg.kernel_backend)
-        return torch.stack([first(h), second(right)], 2)
+        out = [heads[0](h), heads[1](right)]
+        if self.cfg.value_input:
+            anchor = self.anchors(self.to_model(tokens))
+            out = [heads[c].anchored(o, anchor[..., c]) for c, o in enumerate(out)]
+        return torch.stack(out, 2)
 
     def nll_bits(self, model, batch, check_tokens=True):
         B, L1, C = batch.shape

@@ -21,11 +21,20 @@ class Interleave(Layout):
     name = "interleave"
     step_tokens = 1
 
+    @classmethod
+    def problems(cls, cfg) -> list[str]:
+        if cfg.value_input and cfg.channels == 2:   # its anchor would extrapolate across channels
+            return ["value_input needs mono or the frames stereo layout (--stereo-layout frames)"]
+        return []
+
     def build(self, model) -> None:
         cfg = self.cfg
         model.embedding = nn.Embedding(cfg.levels, cfg.d_model)
         with torch.no_grad():
             model.embedding.weight.copy_(embedding_init(cfg.levels, cfg.d_model, cfg.embed_init))
+            if cfg.value_input:  # the values carry the amplitude; the table learns corrections
+                model.embedding.weight.zero_()
+        model.value_in = nn.Linear(1, cfg.d_model) if cfg.value_input else None
         model.right = None
 
     def tables(self, model) -> torch.Tensor:
@@ -34,15 +43,23 @@ class Interleave(Layout):
     def encode(self, model, tokens, check_tokens=True):
         # fp32 out even under bf16 autocast: it starts the residual stream, which stays fp32;
         # under torch.use_deterministic_algorithms the backward sums in a fixed order
-        return kernels.embed_interleave(tokens, model.embedding.weight, check=check_tokens,
-                                        deterministic=torch.are_deterministic_algorithms_enabled(),
-                                        backend=self.cfg.kernel_backend)
+        x = kernels.embed_interleave(tokens, model.embedding.weight, check=check_tokens,
+                                     deterministic=torch.are_deterministic_algorithms_enabled(),
+                                     backend=self.cfg.kernel_backend)
+        B, L, C = tokens.shape
+        return self.with_values(model, x, tokens.reshape(B, L * C, 1))
 
     def embed_steps(self, model, positions):
-        return F.embedding(positions.long(), model.embedding.weight)
+        return self.with_values(model, F.embedding(positions.long(), model.embedding.weight), positions[..., None])
 
-    def step_output(self, model, h):
-        return model.head(h)          # one token per position: the step gives its distribution
+    def step_output(self, model, h, anchor=None):
+        out = model.head(h)           # one token per position: the step gives its distribution
+        return out if anchor is None else model.head.anchored(out, anchor[..., 0])
+
+    def forward(self, model, tokens, h, next_tokens, check_tokens):
+        B, L, C = tokens.shape
+        anchor = self.anchors(tokens.reshape(B, L * C, 1)) if self.cfg.value_input else None
+        return self.step_output(model, h, anchor)
 
     def head_output(self, model, out, j, given=None):
         return out

@@ -3,11 +3,12 @@
 FLAC's stereo decorrelation. On integer samples the pair is exactly invertible (L + R =
 2M + (S mod 2), L = (L + R + S) / 2, R = (L + R - S) / 2), so the model's likelihood of (M, S)
 is a likelihood of (L, R) and a codec built on it stays lossless. M has the 16-bit grid of L
-and R; S spans [-65535, 65535], one bit more, and gets a DML head of its own on that grid
-(`side_head`, 2^17 - 1 values). Otherwise it is the frames layout: one backbone position per
-frame, a joint embedding of (M_t, S_t) (one table per channel, summed), M_{t+1} predicted
-from h_t and S_{t+1} from h_t plus M_{t+1} (`RightGivenLeft`). Targets and per-channel NLLs
-are M and S.
+and R; S spans [-65535, 65535], one bit more, and gets a DML head of its own on a grid of
+2^17 values (`side_head`; the top one no pair gives). Otherwise it is the frames layout: one
+backbone position per frame, a joint embedding of (M_t, S_t) (one table per channel, summed),
+M_{t+1} predicted from h_t and S_{t+1} from h_t plus M_{t+1} (`RightGivenLeft`), and with
+value_input the values of M and S as input and each head's means anchored on its own
+channel's history. Targets and per-channel NLLs are M and S.
 """
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ from sashimi.layouts.frames import Frames, RightGivenLeft
 from sashimi.model import DMLHead, embedding_init
 
 LEVELS = 2 ** 16                 # L, R and M: 16-bit linear tokens (sample + 32768)
-SIDE_LEVELS = 2 * LEVELS - 1     # S = L - R in [-65535, 65535]: token S + 65535
+# S = L - R in [-65535, 65535]: token S + 65535, on a grid of 2^17 (the codec codes power-of-two
+# alphabets; the top token, S = 65536, no pair gives)
+SIDE_LEVELS = 2 * LEVELS
 
 
 class MidSide(Frames):
@@ -35,7 +38,7 @@ class MidSide(Frames):
         if cfg.bits != 16 or cfg.quantization != "linear":
             out.append(f"stereo_layout {cls.name!r} needs 16-bit linear audio (--bits 16 --quantization linear)")
         if cfg.head != "dml":
-            out.append(f"stereo_layout {cls.name!r} needs the DML head (--head dml): S has 2^17 - 1 values")
+            out.append(f"stereo_layout {cls.name!r} needs the DML head (--head dml): S has 2^17 values")
         return out
 
     @property
@@ -62,13 +65,18 @@ class MidSide(Frames):
     def build(self, model) -> None:
         cfg = self.cfg
         D = cfg.d_model
-        # rows [0, 2^16): M; [2^16, 2^16 + 2^17 - 1): S
+        # rows [0, 2^16): M; [2^16, 2^16 + 2^17): S
         model.embedding = nn.Embedding(LEVELS + SIDE_LEVELS, D)
         with torch.no_grad():
             for c, (start, n) in enumerate(((0, LEVELS), (LEVELS, SIDE_LEVELS))):
                 model.embedding.weight[start:start + n] = embedding_init(n, D, cfg.embed_init, c) / math.sqrt(2)
-        model.right = RightGivenLeft(D, LEVELS, max(cfg.ff, 1), cfg.embed_init)
+            if cfg.value_input:  # the values carry the amplitude; the tables learn corrections
+                model.embedding.weight.zero_()
+        model.value_in = nn.Linear(2, D) if cfg.value_input else None
+        model.right = RightGivenLeft(D, LEVELS, max(cfg.ff, 1), cfg.embed_init, cfg.value_input)
         model.side_head = DMLHead(D, SIDE_LEVELS, cfg.n_mixtures)
+        if cfg.value_input:
+            model.side_head.init_for_prediction()
 
     def heads(self, model) -> list:
         return [model.head, model.side_head]
@@ -80,4 +88,5 @@ class MidSide(Frames):
 
     def embed_steps(self, model, positions):
         offsets = torch.tensor([0, LEVELS], device=positions.device)
-        return F.embedding(positions.long() + offsets, model.embedding.weight).sum(-2)
+        return self.with_values(model, F.embedding(positions.long() + offsets, model.embedding.weight).sum(-2),
+                                positions)

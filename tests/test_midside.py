@@ -71,9 +71,18 @@ def test_trains_and_the_side_has_its_own_grid():
     assert loss.item() < first - 0.3
 
 
-def test_recurrence_reproduces_convolution():
+@pytest.mark.parametrize("value_input", [False, True])
+def test_recurrence_reproduces_convolution(value_input):
+    """Frame by frame through `step` (+ S given the true M) equals the training pass; prefill
+    equals the steps (with value_input: the values as input, the means anchored per channel)."""
+    from sashimi.prefill import prefill
     torch.manual_seed(1)
-    m = SaShiMi(midside_cfg()).eval()
+    m = SaShiMi(midside_cfg(value_input=value_input)).eval()
+    if value_input:
+        assert m.value_in.in_features == 2 and (m.embedding.weight == 0).all()
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.05 * torch.randn_like(p))
     batch = torch.randint(30000, 35000, (2, 65, 2))
     with torch.no_grad():
         conv = m.nll_bits(batch)
@@ -85,6 +94,8 @@ def test_recurrence_reproduces_convolution():
         step = (-m.log_prob_next(out, ms[:, 1:]) / 0.6931471805599453).reshape(2, -1)
     # 16-bit bins are 3e-5 wide: the DML's fp32 CDF difference carries ~1e-3 bits of rounding
     assert torch.allclose(step, conv, rtol=0, atol=2e-2)
+    _, par = prefill(m, ms[:, :64], return_all=True)
+    assert torch.allclose(par, out, rtol=1e-4, atol=1e-4)
     # the two-stage sample's log-probability is the model's log p(M) + log p(S | M)
     tok, logp = m.sample_next(out[:, -1], generator=torch.Generator().manual_seed(0))
     assert tok.shape == (2, 2) and tok[:, 1].max() < SIDE_LEVELS

@@ -17,13 +17,14 @@ def parse_args(argv=None):
     p.add_argument("output", help="the restored 16-bit PCM WAV")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--device", default="cpu", help="the kind of device the file was compressed on (cpu or cuda)")
     return p.parse_args(argv)
 
 
 def run(args) -> int:
     out = Path(args.output)
     refuse_existing(out, args.overwrite)
-    decompress(args.checkpoint, args.input, out, progress=not args.quiet)
+    decompress(args.checkpoint, args.input, out, progress=not args.quiet, device=args.device)
     return 0
 
 

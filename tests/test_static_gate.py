@@ -54,9 +54,10 @@ def _record(tmp_path, monkeypatch, extra: int, block: int, maxnreg: int | None =
     kw = dict(EXTRA=extra, BLOCK=block, num_warps=1)
     if maxnreg:
         kw["maxnreg"] = maxnreg
-    job = aot.Job("planted", "planted", "planted_kernel", f"EXTRA={extra}", False, None, "", "",
-                  kern, kw, (meta, meta, 4))
-    res = aot.compile_job(job)
+    from kernels.ops import LaunchConfig
+    launch = LaunchConfig("planted", "planted", "planted_kernel", f"EXTRA={extra}", False, kern, kern,
+                          (meta, meta, 4), kw, (1, 1, 1))
+    res = aot.compile_variant(launch)
     assert res["status"] == "ok", res.get("trace") or res["error"]
     row = dict(status="ok", op="planted", kernel="planted_kernel", config=f"BLOCK={block}",
                scenarios=["planted"], regs=res["regs"], spill_st=res["spill_st"],

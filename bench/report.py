@@ -396,39 +396,25 @@ def render(run: dict, source_name: str, plots: list[tuple[str, Path]], out_dir: 
         "",
     ]
     missing = []
-    krows = kernel_rows(benches)
-    parts += ["## Kernels", ""]
-    if krows:
-        parts += [table(["op", "dir", "shape", "dtype", "provider", "median ms", "reference ms",
-                         "speed-up", "rate", "of floor", "anchor (public)", "vs S4 ext", "target", "met"],
-                        krows), "",
-                  "speed-up: the matching reference's median over this provider's; of floor: the "
-                  "H100 floor time (FLOPs at 51.6 TFLOP/s or bytes at 3.0 TB/s, whichever is "
-                  "larger) over the median; vs S4 ext: the public CUDA extension's time over this "
-                  "provider's.", ""]
-    else:
-        missing.append("kernels")
-        parts += ["No kernel benchmark in this run.", ""]
-    trows = train_rows(benches)
-    parts += ["## Training step (forward + backward + fused AdamW)", ""]
-    if trows:
-        parts += [table(["preset", "shape", "precision", "provider", "ms/step", "tokens/s",
-                         "peak GiB", "vs anchor", "anchor (public SaShiMi)", "target", "met"], trows), ""]
-    else:
-        missing.append("training step")
-        parts += ["No training-step benchmark in this run.", ""]
-    grows = generation_rows(benches)
-    parts += ["## Generation (recurrent, one interleaved token per step)", ""]
-    if grows:
-        parts += [table(["preset", "channels", "batch", "provider", "us/step", "steps/s",
-                         "samples/s", "real time", "anchor samples/s (public, mono)", "target",
-                         "met"], grows), "",
-                  "steps/s: interleaved tokens per second per stream; samples/s: audio frames per "
-                  "second over the batch (a stereo frame is two steps); real time: frames/s per "
-                  "stream over the sample rate.", ""]
-    else:
-        missing.append("generation")
-        parts += ["No generation benchmark in this run.", ""]
+    sections = [
+        ("Kernels", "kernels", kernel_rows(benches), ["op", "dir", "shape", "dtype", "provider", "median ms",
+         "reference ms", "speed-up", "rate", "of floor", "anchor (public)", "vs S4 ext", "target", "met"],
+         "speed-up: the matching reference's median over this provider's; of floor: the H100 floor time "
+         "(FLOPs at its fp32 peak or bytes at its copy bandwidth, whichever is larger) over the median; vs S4 "
+         "ext: the public CUDA extension's time over this provider's."),
+        ("Training step (forward + backward + fused AdamW)", "training step", train_rows(benches),
+         ["preset", "shape", "precision", "provider", "ms/step", "tokens/s", "peak GiB", "vs anchor",
+          "anchor (public SaShiMi)", "target", "met"], ""),
+        ("Generation (recurrent, one interleaved token per step)", "generation", generation_rows(benches),
+         ["preset", "channels", "batch", "provider", "us/step", "steps/s", "samples/s", "real time",
+          "anchor samples/s (public, mono)", "target", "met"],
+         "steps/s: backbone steps per second per stream; samples/s: audio frames per second over the batch "
+         "(an interleaved stereo frame is two steps); real time: frames/s per stream over the sample rate.")]
+    for title, what, rows, header, note in sections:
+        if not rows:
+            missing.append(what)
+        parts += [f"## {title}", "", table(header, rows) if rows else f"No {what} benchmark in this run.", ""] + \
+            ([note, ""] if rows and note else [])
     drows = data_rows(benches)
     if drows:
         parts += ["## Data pipeline (host CPU)", "",

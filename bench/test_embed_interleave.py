@@ -1,24 +1,14 @@
 """Benchmarks of kernels.embed_interleave (the fused embedding + stereo interleave).
 
-Anchor shape: B=16, L=64000, C=2 (8 s of 16 kHz stereo per row, 2,048,000 interleaved rows),
-D=64, V=256 (8-bit tokens); --bench-size small: B=2, L=8192. The tokens are the trainer's
-non-contiguous view batch[:, :L] of a (B, L+1, C) int64 batch. dtype names the table and the
-output alike (fp32: fp32 -> fp32; bf16: bf16 -> bf16).
-
-Providers:
-  forward  triton          check=False (the kernel alone: what the floor is about)
-           triton_checked  the default check=True (adds one aminmax over the tokens and a host sync)
-           torch           F.embedding(tokens.reshape(B, L*C), weight) * scale (what users write)
-           reference       kernels.reference.embed_interleave
-  backward triton          fast mode (one-hot tensor-core accumulation, fp32 atomics of partials)
-           triton_det      deterministic=True (fixed-order partial sums)
-           torch           nn.Embedding's backward: autograd of F.embedding on the interleaved view
-           reference       autograd of kernels.reference.embed_interleave (index backward)
-
-Bytes (the floor at 3.0 TB/s; the V x D table is cache resident and not counted):
-  forward:  R * (8 + D * bytes_out)   tokens read + output written, R = B*L*C
-  backward: R * (8 + D * bytes_grad)  tokens + grad_out read
-Targets (design.md): forward >= 80% of that floor, backward >= 5x faster than torch's.
+Anchor shape B=16, L=64000, C=2 (8 s of 16 kHz stereo per row, 2,048,000 rows), D=64, V=256;
+--bench-size small: B=2, L=8192. Tokens: the trainer's non-contiguous view batch[:, :L]; dtype
+names the table and the output alike. Forward providers: triton (check=False: the kernel alone),
+triton_checked (the default check=True: one aminmax and a host sync more), torch (F.embedding on
+the interleaved view, scaled), reference. Backward: triton (one-hot tensor-core accumulation,
+fp32 atomics), triton_det (deterministic), torch (nn.Embedding's backward), reference.
+Bytes at the floor (the table stays in cache): R (8 + D bytes_out) forward, R (8 + D bytes_grad)
+backward, R = B L C. Targets (bench/anchors.json): forward >= 80% of that floor, backward >= 5x
+faster than torch's.
 """
 from __future__ import annotations
 

@@ -3,21 +3,13 @@
     python profiles/torch_profile.py train    [--preset paper] [--stereo] [--device cuda] ...
     python profiles/torch_profile.py generate [--preset paper] [--batch-size 1] [--device cuda] ...
 
-The workloads are the benchmarks' own (bench/_common.py: `make_train_step`, one optimiser step as
-sashimi.train takes it; `make_generation_loop`, model step + sampling as sashimi.generate does),
-so the profile explains the benchmark's number. Model at random init.
-
-Writes, under --out (default runs/torch_profile/, git-ignored):
-  <name>_trace.json   Chrome trace (open in chrome://tracing or https://ui.perfetto.dev)
-  <name>_table.txt    key_averages() table, sorted by CUDA time (CPU time on CPU)
-and prints the table plus a summary: wall time per step and, on CUDA, GPU kernels launched and
-GPU busy time per step (bench/anchors.json: the public SaShiMi's training step launches 4,375
-kernels and keeps the GPU busy for ~78 ms of it).
-
-One profiled "step" is one optimiser step (train) or --tokens-per-step interleaved tokens
-(generate). The first --warmup steps (compilation, autotuning) are run but not recorded.
-Default preset: paper on CUDA, tiny on CPU (the CPU run uses the reference kernels, as the
-trainer does).
+The workloads are the benchmarks' own (bench/_common.py), so the profile explains the benchmark's
+number; random init. Writes under --out (default runs/torch_profile/) <name>_trace.json (Chrome
+trace: chrome://tracing or ui.perfetto.dev) and <name>_table.txt (key_averages, by CUDA time, CPU
+time on CPU), and prints the table with wall time per step and, on CUDA, kernels launched and GPU
+busy time per step (the public SaShiMi's training step: 4,375 kernels, busy ~78 ms;
+bench/anchors.json). A step is one optimiser step or --tokens-per-step tokens; --warmup steps run
+unrecorded. Default preset: paper on CUDA, tiny on CPU (with the reference kernels).
 """
 from __future__ import annotations
 

@@ -63,12 +63,8 @@ def update(out: Path, fn) -> dict:
 
 def put(out: Path, section: str, key: str | None, value) -> None:
     """data[section][key] = value (data[section] = value when key is None)."""
-    def fn(d):
-        if key is None:
-            d[section] = value
-        else:
-            d.setdefault(section, {})[key] = value
-    update(out, fn)
+    update(out, lambda d: d.__setitem__(section, value) if key is None else
+           d.setdefault(section, {}).__setitem__(key, value))
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,22 +72,15 @@ def put(out: Path, section: str, key: str | None, value) -> None:
 # --------------------------------------------------------------------------------------------
 def stats_from_ms(times_ms: list[float]) -> dict:
     """pytest-benchmark's stats block (seconds) from a list of per-call times in ms."""
+    import statistics
     xs = sorted(t * 1e-3 for t in times_ms)
-    n = len(xs)
-    if n == 0:
+    if not xs:
         return {}
-    mean = sum(xs) / n
-    var = sum((x - mean) ** 2 for x in xs) / (n - 1) if n > 1 else 0.0
-
-    def q(p):
-        pos = p * (n - 1)
-        lo, hi = int(math.floor(pos)), int(math.ceil(pos))
-        return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-    q1, q3 = q(0.25), q(0.75)
-    return dict(min=xs[0], max=xs[-1], mean=mean, stddev=math.sqrt(var), rounds=n, median=q(0.5),
-                iqr=q3 - q1, q1=q1, q3=q3, iqr_outliers=0, stddev_outliers=0, outliers="0;0",
-                ld15iqr=xs[0], hd15iqr=xs[-1], ops=1.0 / mean if mean > 0 else 0.0,
+    q1, median, q3 = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else xs * 3
+    mean = statistics.fmean(xs)
+    return dict(min=xs[0], max=xs[-1], mean=mean, stddev=statistics.stdev(xs) if len(xs) > 1 else 0.0,
+                rounds=len(xs), median=median, iqr=q3 - q1, q1=q1, q3=q3, iqr_outliers=0, stddev_outliers=0,
+                outliers="0;0", ld15iqr=xs[0], hd15iqr=xs[-1], ops=1.0 / mean if mean > 0 else 0.0,
                 total=sum(xs), iterations=1)
 
 

@@ -7,8 +7,7 @@ The workloads are the benchmarks' own (bench/_common.py), so the profile explain
 number; random init. Writes under --out (default runs/torch_profile/) <name>_trace.json (Chrome
 trace: chrome://tracing or ui.perfetto.dev) and <name>_table.txt (key_averages, by CUDA time, CPU
 time on CPU), and prints the table with wall time per step and, on CUDA, kernels launched and GPU
-busy time per step (the public SaShiMi's training step: 4,375 kernels, busy ~78 ms;
-bench/anchors.json). A step is one optimiser step or --tokens-per-step tokens; --warmup steps run
+busy time per step (the public SaShiMi's figures: bench/anchors.json). A step is one optimiser step or --tokens-per-step tokens; --warmup steps run
 unrecorded. Default preset: paper on CUDA, tiny on CPU (with the reference kernels).
 """
 from __future__ import annotations

@@ -171,13 +171,17 @@ def _nvidia_smi() -> dict:
 def _packages() -> dict:
     """Version and location of each package the session needs (the carried wheels' first)."""
     from importlib import import_module
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
     out = {}
     for dist in ("soundfile", "nvtx", "constriction", "hypothesis", "pytest-benchmark", "pytest", "tqdm", "numpy",
                  "torchaudio", "matplotlib"):
         try:
             m = import_module(dist.replace("-", "_"))
-            out[dist] = dict(version=version(dist), path=str(Path(m.__file__).parent))
+            try:
+                ver = version(dist)
+            except PackageNotFoundError:   # importable without metadata: its own version
+                ver = getattr(m, "__version__", "?")
+            out[dist] = dict(version=ver, path=str(Path(m.__file__).parent))
         except Exception as exc:
             out[dist] = dict(version=None, error=f"{type(exc).__name__}: {exc}"[:200])
     return out

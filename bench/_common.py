@@ -94,7 +94,8 @@ def capture_graph(fn, repeats: int, warmup: int = 3):
     return graph
 
 
-def run_step(benchmark, one_step, provider: str, *, nbytes: int, kernel: str, graph_steps: int = 100, **kw) -> float:
+def run_step(benchmark, one_step, provider: str, *, nbytes: int, kernel: str, graph_steps: int = 100,
+             **kw) -> float:
     """Time a recurrent step: one eager call per timed run, or (provider "*_graph") graph_steps
     steps captured in one CUDA graph, one replay per run (what generation sees). Records
     us_per_step and, for the Triton providers, the autotuner's choice for `kernel` (its name in
@@ -107,7 +108,8 @@ def run_step(benchmark, one_step, provider: str, *, nbytes: int, kernel: str, gr
         benchmark.extra_info["steps_per_replay"] = steps
         benchmark.group += f"-graph{steps}"
     if provider.startswith("triton"):
-        tuned = [getattr(m, kernel) for n, m in list(sys.modules.items()) if n.startswith("kernels.") and hasattr(m, kernel)]
+        tuned = [getattr(m, kernel) for n, m in list(sys.modules.items())
+                 if n.startswith("kernels.") and hasattr(m, kernel)]
         benchmark.extra_info["best_config"] = str(getattr(tuned[0], "best_config", None)) if tuned else None
     benchmark.extra_info["us_per_step"] = p50 * 1e3 / steps
     return p50 * 1e3 / steps

@@ -508,7 +508,8 @@ class LaunchConfig:
 
 
 def _config_label(kw: dict, opts: dict) -> str:
-    o = f"w{opts.get('num_warps', 4)} s{opts.get('num_stages', 3)}" + (f" r{opts['maxnreg']}" if opts.get("maxnreg") else "")
+    o = f"w{opts.get('num_warps', 4)} s{opts.get('num_stages', 3)}"
+    o += f" r{opts['maxnreg']}" if opts.get("maxnreg") else ""
     return f"{','.join(f'{k}={v}' for k, v in kw.items())} {o}".strip()
 
 
@@ -552,7 +553,8 @@ def _expand(op, case, kernel, args, kwargs, grid) -> list[LaunchConfig]:
     if tuner is None:
         items = [(None, False)]
     else:
-        kept = tuner.early_config_prune(tuner.configs, nargs, **kwargs) if tuner.early_config_prune else tuner.configs
+        prune = tuner.early_config_prune
+        kept = prune(tuner.configs, nargs, **kwargs) if prune else tuner.configs
         same = lambda a, b: a.all_kwargs() == b.all_kwargs()  # noqa: E731
         items = [(c, not any(same(c, k) for k in kept)) for c in tuner.configs]
         items += [(k, False) for k in kept if not any(same(k, c) for c in tuner.configs)]  # rewritten by a pruner

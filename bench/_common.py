@@ -147,6 +147,26 @@ def pair_case(op: str, direction: str, provider: str, B: int, L: int, device, N:
     return fwd, dict(flops=flops, nbytes=nbytes, flops_floor=op == "cauchy")
 
 
+def bench_pair(benchmark, bench_size: str, op: str, provider: str, shape_name: str, direction: str,
+               reference_limit: float = 20 * 2**30) -> None:
+    """One benchmark of bench/test_cauchy.py or bench/test_vandermonde.py: the registry's bench
+    shape (its last one is --bench-size small); the reference, which materialises (B, N, L)
+    complex64 (~3 buffers forward, ~6 with the backward), skipped above reference_limit bytes."""
+    import pytest
+
+    from kernels.ops import OPS
+    shapes = OPS[op].bench
+    if (bench_size == "small") != (shape_name == list(shapes)[-1]):
+        pytest.skip(f"{shape_name} is not in the {bench_size!r} bench size")
+    B, L = shapes[shape_name]["B"], shapes[shape_name]["L"]
+    need = (3 if direction == "fwd" else 6) * B * N_PAIRS * L * 8
+    if provider == "reference" and need > reference_limit:
+        pytest.skip(f"the reference would materialise ~{need / 2**30:.0f} GiB of (B, N, L) complex64")
+    fn, work = pair_case(op, direction, provider, B, L, "cuda")
+    run(benchmark, fn, op=op, direction=direction, provider=provider, shape=dict(B=B, N=N_PAIRS, L=L),
+        dtype="complex64", **work)
+
+
 # ----------------------------------------------------------------------------------------------
 # the model: a training step, generation
 # ----------------------------------------------------------------------------------------------

@@ -204,9 +204,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
     try:
-        return _main(args)
+        return _main(parse_args(argv))
     except CompareError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

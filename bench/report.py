@@ -223,12 +223,14 @@ def kernel_rows(benches: list[dict]) -> list[list[str]]:
     return rows
 
 
+def _of(benches: list[dict], op: str) -> list[tuple[dict, dict]]:
+    """(benchmark, its extra_info) of the benchmarks of one op."""
+    return [(b, b["extra_info"]) for b in benches if (b.get("extra_info") or {}).get("op") == op]
+
+
 def train_rows(benches: list[dict]) -> list[list[str]]:
     rows = []
-    for b in benches:
-        info = b.get("extra_info") or {}
-        if info.get("op") != "train_step":
-            continue
+    for b, info in _of(benches, "train_step"):
         shape = info.get("shape") or {}
         ms = median_ms(b)
         tps = _num(info.get("tokens_per_s"))
@@ -259,10 +261,7 @@ def _channels_label(C, layout) -> str:
 
 def generation_rows(benches: list[dict]) -> list[list[str]]:
     rows = []
-    for b in benches:
-        info = b.get("extra_info") or {}
-        if info.get("op") != "generation":
-            continue
+    for b, info in _of(benches, "generation"):
         batch = info.get("batch") or (info.get("shape") or {}).get("B")
         C = info.get("channels") or (info.get("shape") or {}).get("C") or 1
         steps, samples = _num(info.get("steps_per_s")), _num(info.get("samples_per_s"))
@@ -288,10 +287,7 @@ def generation_rows(benches: list[dict]) -> list[list[str]]:
 
 def data_rows(benches: list[dict]) -> list[list[str]]:
     rows = []
-    for b in benches:
-        info = b.get("extra_info") or {}
-        if info.get("op") != "data":
-            continue
+    for b, info in _of(benches, "data"):
         shape = info.get("shape") or {}
         tps = _num(info.get("tokens_per_s"))
         rows.append([str(shape.get("format", "?")), f"{shape.get('file_rate', '?')} -> {shape.get('model_rate', '?')} Hz",

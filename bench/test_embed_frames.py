@@ -38,6 +38,13 @@ def _inputs(shape: dict, dtype: torch.dtype):
     return batch[:, :L], weight
 
 
+def _case(bench_size: str, shape_name: str, dtype: str):
+    """(kernels, shape, tokens, weight) of one benchmark."""
+    import kernels
+    shape = _shape(bench_size, shape_name)
+    return (kernels, shape, *_inputs(shape, DTYPES[dtype]))
+
+
 def _fwd_bytes(shape: dict, out_bytes: int) -> int:
     return shape["B"] * shape["L"] * (8 * shape["C"] + shape["D"] * out_bytes)
 
@@ -46,10 +53,7 @@ def _fwd_bytes(shape: dict, out_bytes: int) -> int:
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 @pytest.mark.parametrize("provider", ["triton", "triton_checked", "reference"])
 def test_bench_embed_frames_fwd(benchmark, bench_size, provider, shape_name, dtype):
-    import kernels
-
-    shape = _shape(bench_size, shape_name)
-    tokens, weight = _inputs(shape, DTYPES[dtype])
+    kernels, shape, tokens, weight = _case(bench_size, shape_name, dtype)
     if provider == "triton":
         fn = lambda: kernels.embed_frames(tokens, weight, SCALE, check=False)  # noqa: E731
     elif provider == "triton_checked":
@@ -65,10 +69,7 @@ def test_bench_embed_frames_fwd(benchmark, bench_size, provider, shape_name, dty
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 @pytest.mark.parametrize("provider", ["triton", "triton_det", "reference"])
 def test_bench_embed_frames_fwdbwd(benchmark, bench_size, provider, shape_name, dtype):
-    import kernels
-
-    shape = _shape(bench_size, shape_name)
-    tokens, weight = _inputs(shape, DTYPES[dtype])
+    kernels, shape, tokens, weight = _case(bench_size, shape_name, dtype)
     B, L, D = shape["B"], shape["L"], shape["D"]
     grad_out = torch.randn(B, L, D, device="cuda").to(weight.dtype)
     w = weight.detach().requires_grad_()

@@ -41,6 +41,13 @@ def _shape(bench_size: str, name: str) -> dict:
     return SHAPES[name]
 
 
+def _case(bench_size: str, shape_name: str, dtype: str):
+    """(kernels, shape, tokens, weight) of one benchmark."""
+    import kernels
+    shape = _shape(bench_size, shape_name)
+    return (kernels, shape, *_inputs(shape, DTYPES[dtype]))
+
+
 def _shape_dict(shape: dict) -> dict:
     return dict(shape, D=D, V=V)
 
@@ -49,12 +56,8 @@ def _shape_dict(shape: dict) -> dict:
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 @pytest.mark.parametrize("provider", ["triton", "triton_checked", "torch", "reference"])
 def test_bench_embed_interleave_fwd(benchmark, bench_size, provider, shape_name, dtype):
-    import kernels
-
-    shape = _shape(bench_size, shape_name)
-    tokens, weight = _inputs(shape, DTYPES[dtype])
-    B, L, C = tokens.shape
-    R = B * L * C
+    kernels, shape, tokens, weight = _case(bench_size, shape_name, dtype)
+    (B, L, C), R = tokens.shape, tokens.numel()
 
     if provider == "triton":
         fn = lambda: kernels.embed_interleave(tokens, weight, SCALE, check=False)  # noqa: E731
@@ -75,13 +78,9 @@ def test_bench_embed_interleave_fwd(benchmark, bench_size, provider, shape_name,
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 @pytest.mark.parametrize("provider", ["triton", "triton_det", "torch", "reference"])
 def test_bench_embed_interleave_bwd(benchmark, bench_size, provider, shape_name, dtype):
-    import kernels
-
-    shape = _shape(bench_size, shape_name)
-    tokens, weight = _inputs(shape, DTYPES[dtype])
+    kernels, shape, tokens, weight = _case(bench_size, shape_name, dtype)
+    grad_out = torch.randn(tokens.shape[0], tokens[0].numel(), D, device="cuda").to(weight.dtype)
     B, L, C = tokens.shape
-    R = B * L * C
-    grad_out = torch.randn(B, L * C, D, device="cuda").to(weight.dtype)
     w = weight.detach().requires_grad_()
 
     if provider in ("triton", "triton_det"):
@@ -96,6 +95,6 @@ def test_bench_embed_interleave_bwd(benchmark, bench_size, provider, shape_name,
         out = kernels.reference.embed_interleave(tokens, w, SCALE)
         fn = lambda: torch.autograd.grad(out, w, grad_out, retain_graph=True)  # noqa: E731
 
-    nbytes = R * (8 + D * grad_out.element_size())
+    nbytes = tokens.numel() * (8 + D * grad_out.element_size())
     run(benchmark, fn, op=OP, direction="bwd", provider=provider, shape=_shape_dict(shape),
         dtype=dtype, nbytes=nbytes)

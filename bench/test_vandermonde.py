@@ -12,24 +12,12 @@ from __future__ import annotations
 
 import pytest
 
-from bench._common import N_PAIRS, pair_case, run
+from bench._common import bench_pair
 from kernels.ops import OPS
-
-SHAPES = {k: (v["B"], v["L"]) for k, v in OPS["vandermonde"].bench.items()}
-SMALL = list(SHAPES)[-1]
-REFERENCE_LIMIT = 20 * 2**30
 
 
 @pytest.mark.parametrize("direction", ["fwd", "fwdbwd"])
-@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("shape_name", list(OPS["vandermonde"].bench))
 @pytest.mark.parametrize("provider", ["triton", "reference"])
 def test_bench_vandermonde(benchmark, bench_size, provider, shape_name, direction):
-    if (bench_size == "small") != (shape_name == SMALL):
-        pytest.skip(f"{shape_name} is not in the {bench_size!r} bench size")
-    B, L = SHAPES[shape_name]
-    need = (3 if direction == "fwd" else 6) * B * N_PAIRS * L * 8
-    if provider == "reference" and need > REFERENCE_LIMIT:
-        pytest.skip(f"the reference would materialise ~{need / 2**30:.0f} GiB of (B, N, L) complex64")
-    fn, work = pair_case("vandermonde", direction, provider, B, L, "cuda")
-    run(benchmark, fn, op="vandermonde", direction=direction, provider=provider,
-        shape=dict(B=B, N=N_PAIRS, L=L), dtype="complex64", **work)
+    bench_pair(benchmark, bench_size, "vandermonde", provider, shape_name, direction)

@@ -122,9 +122,10 @@ def _cpu_name() -> str:
 
 
 def figure(ctx: Ctx, section: str, key: str, label: str, fields: tuple, deadline: float, measure,
-           skip: str | None = None) -> None:
-    """One headline figure: measure() -> (record, (fullname, group, times) or None), written as it
-    comes; skipped (with `skip` or past the deadline) or an error, recorded with every field."""
+           skip: str | None = None, top: str = "headline") -> None:
+    """One figure, gpu_check.json's [top][section][key]: measure() -> (record, (fullname, group,
+    times) or None), written as it comes; skipped (with `skip` or past the deadline) or an error,
+    recorded with every field; a timing also goes to bench.json."""
     bench = None
     if skip or time.time() > deadline:
         rec = dict(dict.fromkeys(fields), status="skipped", label=label,
@@ -139,7 +140,7 @@ def figure(ctx: Ctx, section: str, key: str, label: str, fields: tuple, deadline
             rec = dict(dict.fromkeys(fields), status="error", label=label,
                        reason=f"{type(exc).__name__}: {str(exc).strip()[:300]}")
         ctx.free()
-    record.update(ctx.out, lambda d: d.setdefault("headline", {}).setdefault(section, {}).__setitem__(key, rec))
+    record.update(ctx.out, lambda d: d.setdefault(top, {}).setdefault(section, {}).__setitem__(key, rec))
     if bench is not None:
         fullname, group, times = bench
         v = _versions()
@@ -151,7 +152,7 @@ def figure(ctx: Ctx, section: str, key: str, label: str, fields: tuple, deadline
                                            node=platform.node(), python_version=v["python"],
                                            cpu=dict(brand_raw=_cpu_name(), count=os.cpu_count())),
                          commit_info=dict(id=os.environ.get("GPU_CHECK_SHA", "unknown"), dirty=None))
-    print(f"[headline] {section}/{key}: {rec['status']} {rec.get('ms_p50') or rec.get('reason') or ''}", flush=True)
+    print(f"[{top}] {section}/{key}: {rec['status']} {rec.get('ms_p50') or rec.get('reason') or ''}", flush=True)
 
 
 # --------------------------------------------------------------------------------------------

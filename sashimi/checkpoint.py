@@ -21,7 +21,6 @@ import hashlib
 import os
 import pickle
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -110,47 +109,21 @@ def previous_path(path: str | os.PathLike) -> Path:
 def save(path: str | os.PathLike, payload: dict, keep_previous: bool = False) -> Path:
     """Atomically write payload (plus format, version and content hash) to path. With
     keep_previous, an existing file at path becomes `previous_path(path)` first."""
+    from sashimi.cli import atomic_output
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = dict(payload, format=FORMAT, format_version=FORMAT_VERSION)
     payload["sha256"] = content_hash(payload)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a checkpoint is for sharing
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
+    with atomic_output(path) as tmp:
+        torch.save(payload, tmp)
         if keep_previous and path.exists():
             os.replace(path, previous_path(path))
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def remove_stale_temporaries(folder: str | os.PathLike, name: str) -> list[Path]:
-    """Delete `.<name>.*.tmp` files left by writes that were killed (call with the run locked)."""
+    """Delete the temp files of `name` left by writes that were killed (call with the run locked)."""
     removed = []
-    for tmp in Path(folder).glob(f".{name}.*.tmp"):
+    for tmp in Path(folder).glob(f".{name}.*.tmp*"):   # atomic_output's `.<name>.<random>.tmp<suffix>`
         try:
             tmp.unlink()
             removed.append(tmp)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import stat
 import sys
@@ -20,10 +21,49 @@ class UserError(Exception):
 def run_cli(parse_args: Callable, run: Callable, argv=None) -> int:
     args = parse_args(argv)
     try:
+        check_common_flags(args)
         return run(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+SEED_MAX = 2 ** 32 - 1   # numpy's and every data generator's seed range
+
+
+def check_common_flags(args) -> None:
+    """What holds for every flag of every command, checked once here before any work: a float
+    is finite (NaN and inf are never meant), a string (a path, a name) is not empty ('' would
+    silently mean the current folder), a seed is in [0, SEED_MAX]."""
+    for name, value in sorted(vars(args).items()):
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{flag} must be a finite number, got {value!r}")
+        if isinstance(value, str) and value == "":
+            raise UserError(f"{flag} must not be empty")
+        if name == "seed" and value is not None and not 0 <= value <= SEED_MAX:
+            raise UserError(f"{flag} must be in [0, {SEED_MAX}], got {value}")
+
+
+def check_at_most(flag: str, value, most) -> None:
+    """A flag's upper bound (one line): what no machine runs in a useful time or memory."""
+    if value is not None and value > most:
+        raise UserError(f"{flag} must be <= {most:,}, got {value:,}")
+
+
+def check_fits(parts: dict[str, float], device: torch.device, what: str) -> None:
+    """The one memory check: refuse a run whose estimated need (the sum of `parts`, bytes, each
+    named by the flags that set it) exceeds the device's memory, naming the largest part."""
+    need, have = sum(parts.values()), machine_memory(device)
+    if have and need > have:
+        biggest = max(parts, key=parts.get)
+        raise UserError(f"{what} needs at least {need / 2**30:,.1f} GiB (mostly {biggest}: "
+                        f"{parts[biggest] / 2**30:,.1f} GiB); {device.type} memory here is {have / 2**30:,.1f} GiB")
+
+
+def cores() -> int:
+    """CPU cores this process may use (its affinity)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def resolve_device(name: str, local_rank: int | None = None) -> torch.device:

@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_leaves
 
 from kernels.profiling import nvtx_range
 from sashimi import checkpoint
-from sashimi.cli import UserError, check_out_dir, machine_memory, resolve_device, run_cli
+from sashimi.cli import UserError, atomic_output, check_out_dir, machine_memory, resolve_device, run_cli
 from sashimi.checkpoint import CheckpointError
 from sashimi.model import SaShiMi
 from sashimi.prefill import prefill
@@ -39,6 +39,10 @@ from sashimi.quantize import Quantizer
 def load_model(path, device) -> SaShiMi:
     """Rebuild the model of a checkpoint; CheckpointError with one line if it can't."""
     return checkpoint.load_model(path, device)[0]
+
+
+class GenerationStopped(Exception):
+    """generate_audio's should_stop() asked it to stop: nothing was generated."""
 
 
 class GraphCaptureError(RuntimeError):
@@ -186,7 +190,7 @@ def _consume_prompt(model: SaShiMi, start: torch.Tensor, use_prefill: bool):
 def generate_audio(model: SaShiMi, frames: int, batch: int, quantizer: Quantizer,
                    temperature: float = 1.0, top_p: float = 1.0, prompt: torch.Tensor | None = None,
                    seed: int = 0, progress: bool = True, cuda_graphs: bool | None = None,
-                   use_prefill: bool = True):
+                   use_prefill: bool = True, should_stop=None):
     """Generate `frames` frames (prompt included) for `batch` samples.
 
     prompt: float audio (P, C) at the model's rate, continued by every sample. Without one,
@@ -195,6 +199,7 @@ def generate_audio(model: SaShiMi, frames: int, batch: int, quantizer: Quantizer
     its state is copied to every sample); use_prefill=False steps through it token by token.
     cuda_graphs: replay one CUDA graph per phase variant of the step (default: on CUDA);
     False runs the same step function eagerly (always on CPU).
+    should_stop: polled every 256 steps; when it returns True, GenerationStopped is raised.
     Returns (audio float32 (batch, frames, C) in [-1, 1], log-likelihood of the generated
     tokens in bits, (batch,)).
     """
@@ -246,7 +251,7 @@ def generate_audio(model: SaShiMi, frames: int, batch: int, quantizer: Quantizer
             if device.type == "cpu":
                 torch.set_num_threads(1)
             try:
-                _generate_steps(sampler, t0, t1, graphs, batch, C // k, cfg.sample_rate, progress)
+                _generate_steps(sampler, t0, t1, graphs, batch, C // k, cfg.sample_rate, progress, should_stop)
             finally:
                 torch.set_num_threads(threads)
     finally:
@@ -257,9 +262,10 @@ def generate_audio(model: SaShiMi, frames: int, batch: int, quantizer: Quantizer
     return audio, (loglik / math.log(2)).cpu()
 
 
-def _generate_steps(sampler, t0, t1, graphs, batch, per_frame, rate, progress):
+def _generate_steps(sampler, t0, t1, graphs, batch, per_frame, rate, progress, should_stop=None):
     """run_steps with a progress bar (samples/s over the batch, real-time factor per stream);
-    per_frame: positions per frame (C interleaved, 1 for frames or mono)."""
+    per_frame: positions per frame (C interleaved, 1 for frames or mono); should_stop() polled
+    with the progress (GenerationStopped when it says so)."""
     from tqdm.auto import tqdm
     bar = tqdm(total=t1 - t0 + 1, disable=not progress, unit="step", dynamic_ncols=True, mininterval=0.5)
     bar.update(1)                                   # the position sampled from the prompt's state
@@ -271,9 +277,16 @@ def _generate_steps(sampler, t0, t1, graphs, batch, per_frame, rate, progress):
         bar.set_postfix(samples_s=f"{batch * fps:,.0f}", realtime=f"{fps / rate:.3f}x")
         bar.update(done + 1 - bar.n)
 
+    def on_progress(done: int) -> None:
+        if progress:
+            show(done)
+        if should_stop is not None and should_stop():
+            bar.close()
+            raise GenerationStopped
+
     every = 256 if graphs is None else 4096
     with nvtx_range("sashimi/generate/steps"):
-        run_steps(sampler, t0, t1, graphs, show if progress else None, every)
+        run_steps(sampler, t0, t1, graphs, on_progress if progress or should_stop else None, every)
     if progress:
         if sampler.tokens.is_cuda:
             torch.cuda.synchronize(sampler.tokens.device)
@@ -285,9 +298,20 @@ def write_wav(path, audio: torch.Tensor, sample_rate: int) -> Path:
     """16-bit PCM WAV of (frames, C) float audio."""
     import soundfile as sf
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(str(path), np.clip(audio.numpy(), -1.0, 1.0), sample_rate, subtype="PCM_16")
+    with atomic_output(path) as tmp:
+        sf.write(str(tmp), np.clip(audio.numpy(), -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
     return path
+
+
+def check_finite_result(audio: torch.Tensor, loglik: torch.Tensor, checkpoint_path) -> None:
+    """A NaN or infinite log-likelihood (or sample) means the model computes garbage (weights or
+    config that are finite but diverge, e.g. a converted model with an unstable A): one line, no
+    WAV, instead of a constant full-scale file."""
+    if not torch.isfinite(loglik).all() or not torch.isfinite(audio).all():
+        bad = loglik[~torch.isfinite(loglik)]
+        raise UserError(f"{checkpoint_path}: the model's log-likelihood of its own samples is "
+                        f"{bad[0].item() if bad.numel() else 'finite but the audio is not'}: it computes "
+                        f"non-finite probabilities (a diverged or damaged model); nothing written")
 
 
 def choose(loglik: torch.Tensor, keep: str) -> list[int]:
@@ -394,6 +418,7 @@ def run(args) -> int:
                                        prompt, args.seed, cuda_graphs=False if args.no_cuda_graphs else None)
     except GraphCaptureError as exc:
         raise UserError(str(exc)) from None
+    check_finite_result(audio, loglik, args.checkpoint)
     n_gen = audio.shape[1] * cfg.channels - (prompt.numel() if prompt is not None else 0)
     kept = choose(loglik, args.keep)
     paths = output_paths(out, [f"sample_seed{args.seed}_{i:03d}.wav" for i in kept], args.overwrite)

@@ -79,7 +79,7 @@ TRAIN_ROWS = [
     ("sample-rate-0", lambda c: _new(c, "--sample-rate", "0"), "--sample-rate must be >= 1"),
     ("n-mixtures-0", lambda c: _new(c, "--head", "dml", "--n-mixtures", "0"), "--n-mixtures must be >= 1"),
     ("n-mixtures-negative", lambda c: _new(c, "--n-mixtures", "-3"), "--n-mixtures must be >= 1"),
-    ("seed-negative", lambda c: _new(c, "--seed", "-1"), "--seed must be >= 0"),
+    ("seed-negative", lambda c: _new(c, "--seed", "-1"), "--seed must be in [0,"),
     ("num-workers-negative", lambda c: _new(c, "--num-workers", "-1"), "--num-workers must be >= 0"),
     ("sample-every-negative", lambda c: _new(c, "--sample-every", "-1"), "--sample-every must be >= 0"),
     ("sample-seconds-0", lambda c: _new(c, "--sample-seconds", "0"), "--sample-seconds must be"),

@@ -18,6 +18,7 @@ eagerly.
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import sys
 import time
@@ -29,7 +30,7 @@ from torch.utils._pytree import tree_leaves
 
 from kernels.profiling import nvtx_range
 from sashimi import checkpoint
-from sashimi.cli import UserError, atomic_output, check_out_dir, machine_memory, resolve_device, run_cli
+from sashimi.cli import UserError, atomic_output, check_at_most, check_fits, check_out_dir, regular_file, resolve_device, run_cli
 from sashimi.checkpoint import CheckpointError
 from sashimi.model import SaShiMi
 from sashimi.prefill import prefill
@@ -298,8 +299,10 @@ def write_wav(path, audio: torch.Tensor, sample_rate: int) -> Path:
     """16-bit PCM WAV of (frames, C) float audio."""
     import soundfile as sf
     path = Path(path)
+    buffer = io.BytesIO()   # encoded in memory: a full disk is then an OSError, not libsndfile's "System error"
+    sf.write(buffer, np.clip(audio.numpy(), -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
     with atomic_output(path) as tmp:
-        sf.write(str(tmp), np.clip(audio.numpy(), -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
+        tmp.write_bytes(buffer.getvalue())
     return path
 
 
@@ -344,22 +347,24 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+MAX_BATCH = 65_536   # samples generated in parallel: far beyond what fills a GPU
+
+
 def check_args(args) -> None:
     """Flags a user can get wrong: one line each, before the model is even loaded."""
     if not (math.isfinite(args.seconds) and args.seconds > 0):
         raise UserError(f"--seconds must be a finite number > 0, got {args.seconds!r}")
     if args.batch < 1:
         raise UserError(f"--batch must be >= 1, got {args.batch}")
+    check_at_most("--batch", args.batch, MAX_BATCH)
     if not (math.isfinite(args.temperature) and args.temperature > 0):
         raise UserError(f"--temperature must be a finite number > 0, got {args.temperature!r}")
     if not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p!r}")
     if args.seed < 0:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
-    if args.prompt is not None and not Path(args.prompt).exists():
-        raise UserError(f"--prompt: file not found: {args.prompt}")
-    if args.prompt is not None and Path(args.prompt).is_dir():
-        raise UserError(f"--prompt {args.prompt} is a folder; pass an audio file")
+    if args.prompt is not None:
+        regular_file(args.prompt, "--prompt")   # missing, a folder, a FIFO: one line
 
 
 def check_batch_fits(model: SaShiMi, batch: int, frames: int, device: torch.device) -> None:
@@ -367,10 +372,8 @@ def check_batch_fits(model: SaShiMi, batch: int, frames: int, device: torch.devi
     per_sample = sum(t.numel() * t.element_size() for t in tree_leaves(model.default_state(1, device="meta"))
                      if torch.is_tensor(t))
     per_sample += frames * model.cfg.channels * 8 + 2 * 4 * model.cfg.levels  # tokens, head output
-    need, have = batch * per_sample, machine_memory(device)
-    if have and need > have:
-        raise UserError(f"--batch {batch} needs at least {need / 2**30:,.1f} GiB (recurrent state and tokens); "
-                        f"{device.type} memory here is {have / 2**30:,.1f} GiB")
+    check_fits({"recurrent state and tokens (--batch x --seconds)": batch * per_sample}, device,
+               f"--batch {batch} of {frames} frames")
 
 
 def output_paths(out: Path, names: list[str], overwrite: bool) -> list[Path]:

@@ -29,7 +29,7 @@ from torch import nn
 from kernels.profiling import nvtx_range
 from kernels.reference import check_tokens
 from sashimi import checkpoint
-from sashimi.cli import (UserError, check_at_most, check_fits, check_out_dir, cores, resolve_device,
+from sashimi.cli import (UserError, atomic_output, check_at_most, check_fits, check_out_dir, cores, resolve_device,
                          run_cli)
 from sashimi.checkpoint import CheckpointError
 from sashimi.model import PRESETS, ModelConfig, SaShiMi, count_parameters
@@ -335,10 +335,8 @@ def trim_log(log_path: Path, step: int) -> None:
     kept = [rows[0]] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
     if len(kept) == len(rows):
         return
-    tmp = log_path.with_name(log_path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_output(log_path) as tmp, open(tmp, "w", newline="") as f:
         csv.writer(f).writerows(kept)
-    os.replace(tmp, log_path)
 
 
 def load_for_resume(ckpt_path: Path, move_aside: bool = True):
@@ -553,8 +551,18 @@ def run(args) -> int:
     out = Path(args.out)
     if main:
         check_out_dir(out)
+    from sashimi.data import DataError
     with RunLock(out) if main else contextlib.nullcontext():
-        return _run_locked(args, device, distributed, rank, world, main, out)
+        try:
+            return _run_locked(args, device, distributed, rank, world, main, out)
+        except DataError as exc:   # e.g. data that is all NaN: every crop is unusable
+            raise UserError(data_error_line(exc)) from None
+
+
+def data_error_line(exc: Exception) -> str:
+    """A DataError's one line (re-raised from a DataLoader worker its text ends with it)."""
+    last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    return last.split("DataError: ", 1)[-1]
 
 
 def _run_locked(args, device, distributed, rank, world, main, out: Path) -> int:

@@ -155,7 +155,7 @@ GENERATE_ROWS = [
     ("temperature-nan", lambda c: ["--temperature", "nan"], "--temperature must be"),
     ("temperature-inf", lambda c: ["--temperature", "inf"], "--temperature must be"),
     ("top-p-nan", lambda c: ["--top-p", "nan"], "--top-p must be"),
-    ("batch-too-big", lambda c: ["--batch", "10000000000"], "needs at least"),
+    ("batch-too-big", lambda c: ["--batch", "10000000000"], "--batch must be <="),
     ("prompt-missing", lambda c: ["--prompt", str(c.tmp / "nope.wav")], "not found"),
     ("prompt-nan", lambda c: ["--prompt", str(c.nan_prompt())], "NaN"),
     ("checkpoint-missing", lambda c: ["--checkpoint", str(c.tmp / "nope.pt")], "not found"),

@@ -303,6 +303,13 @@ def load_model(path, device="cpu"):
     try:
         cfg = ModelConfig.from_dict(config)
         cfg = dataclasses.replace(cfg, kernel_backend="reference" if device.type == "cpu" else "auto")
+        # a lower bound of the config's weights (embedding, each S4 layer's C and output mix at
+        # the top tier), checked first: a huge config costs nothing, not even a meta build
+        least = cfg.levels * cfg.d_model + cfg.n_layers * (2 * cfg.d_model ** 2 + cfg.d_state * cfg.d_model)
+        given = sum(v.numel() for v in weights.values() if torch.is_tensor(v))
+        if least > given:
+            raise CheckpointError(f"{path}: weights do not fit the model config: it needs at least {least:,} "
+                                  f"weights, the file holds {given:,}")
         with torch.device("meta"):
             shapes = SaShiMi(cfg).state_dict()
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, NotImplementedError) as exc:

@@ -619,6 +619,10 @@ def _run_locked(args, device, distributed, rank, world, main, out: Path) -> int:
     if saved is None:
         start_step = 0
     else:
+        mismatch = checkpoint.state_dict_mismatch(model.state_dict(), saved["model"]) \
+            if isinstance(saved["model"], dict) else "no model weights"
+        if mismatch:
+            raise UserError(f"--resume: the checkpoint does not fit this model: {mismatch}")
         try:
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])

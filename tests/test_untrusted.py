@@ -142,6 +142,8 @@ HOSTILE = [
      "weights do not fit the model config: mis-shaped"),
     ("weights-missing-a-key", lambda r, t: _forge(r, t / "c.pt", lambda p: p["model"].pop("embedding.weight")),
      "missing embedding.weight"),
+    ("config-of-a-huge-model", lambda r, t: _forge(r, t / "c.pt", lambda p: p["model_config"].update(
+        d_model=8192, n_layers=1024, d_state=4096)), "needs at least"),
     ("config-a-law", lambda r, t: _forge(r, t / "c.pt", lambda p: p["model_config"].update(quantization="a-law")),
      "quantization must be one of"),
     ("config-nan-dt", lambda r, t: _forge(r, t / "c.pt", lambda p: p["model_config"].update(dt_min=float("nan"))),

@@ -43,24 +43,47 @@ def run_dir(tmp_path_factory) -> Path:
     return out
 
 
-def capped(command: list[str], module: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m module command` with its address space capped at its size after import + 1 GiB."""
-    code = (f"import resource, sys, torch, runpy\n"
-            f"vm = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
-            f"resource.setrlimit(resource.RLIMIT_AS, (vm + {CAP_EXTRA}, vm + {CAP_EXTRA}))\n"
-            f"sys.argv = [{module!r}] + {command!r}\n"
-            f"runpy.run_module({module!r}, run_name='__main__')\n")
+CHILD = """
+import contextlib, io, json, resource, runpy, sys, traceback
+import torch
+vm = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (vm + CAP, vm + CAP))
+results = []
+for module, argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            rc = __import__(module, fromlist=['main']).main(argv)
+        except BaseException:
+            rc = -1
+            traceback.print_exc()
+    results.append((rc, err.getvalue()))
+print(json.dumps(results))
+"""
+
+
+def capped_many(calls: list[tuple[str, list[str]]]) -> list[tuple[int, str]]:
+    """Run each (module, argv) through module.main in one subprocess whose address space is
+    capped at its size after importing torch + CAP_EXTRA; (exit code, stderr) of each."""
+    import json
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     env.pop("TRITON_INTERPRET", None)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
-                          cwd=cwd or REPO)
+    r = subprocess.run([sys.executable, "-c", CHILD.replace("CAP", str(CAP_EXTRA)), json.dumps(calls)],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [tuple(x) for x in json.loads(r.stdout.strip().splitlines()[-1])]
+
+
+def capped(command: list[str], module: str) -> subprocess.CompletedProcess:
+    rc, err = capped_many([(module, command)])[0]
+    return subprocess.CompletedProcess(command, rc, "", err)
 
 
 def one_line(r: subprocess.CompletedProcess, expected: str) -> None:
-    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    assert r.returncode == 2, (r.args, r.returncode, r.stderr[-3000:])
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and expected in lines[0], r.stderr[-3000:]
+    assert len(lines) == 1 and expected in lines[0], (r.args, r.stderr[-3000:])
 
 
 # ------------------------------------------------------------------------- hostile checkpoints
@@ -105,25 +128,23 @@ def _write_repeated(path: Path, levels: int = 30) -> Path:
 
 
 def _write_bomb(run_dir: Path, path: Path, inflated: int = 1536 << 20) -> Path:
-    """A valid-looking checkpoint whose one storage is a deflated entry inflating to 1.5 GiB."""
-    torch.save({"format": checkpoint.FORMAT, "format_version": 2, "w": torch.zeros(inflated // 4)[:1].clone()},
-               path)
+    """A checkpoint whose one storage is a deflated zip entry inflating to 1.5 GiB (7 MB on disk):
+    torch.load would inflate it; it is refused from the zip directory alone."""
+    torch.save({"format": checkpoint.FORMAT, "format_version": 2, "w": torch.zeros(1)}, path)
     with zipfile.ZipFile(path) as z:
         entries = {n: z.read(n) for n in z.namelist()}
     pkl = next(n for n in entries if n.endswith("data.pkl"))
     storage = next(n for n in entries if "/data/" in n)
     entries[pkl] = entries[pkl].replace(b"K\x01t", b"J" + (inflated // 4).to_bytes(4, "little") + b"t")
-    with zipfile.ZipFile(path, "w") as z:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as z:
         for name, data in entries.items():
             if name != storage:
-                z.writestr(name, data)
-        with z.open(zipfile.ZipInfo(storage), "w", force_zip64=True) as f:
-            pass
-    with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_DEFLATED) as z:
-        with z.open(storage + "_", "w", force_zip64=True) as f:
-            chunk = bytes(1 << 24)
-            for _ in range(inflated // len(chunk)):
-                f.write(chunk)
+                z.writestr(name, data, compress_type=zipfile.ZIP_STORED)
+                continue
+            with z.open(name, "w", force_zip64=True) as f:
+                chunk = bytes(1 << 24)
+                for _ in range(inflated // len(chunk)):
+                    f.write(chunk)
     return path
 
 
@@ -153,28 +174,40 @@ HOSTILE = [
 ]
 
 
+@pytest.fixture(scope="module")
+def hostile_results(run_dir, tmp_path_factory) -> dict:
+    """Every HOSTILE checkpoint given to generate, all in one memory-capped subprocess."""
+    calls, names = [], []
+    for name, make, _ in HOSTILE:
+        tmp = tmp_path_factory.mktemp(name.replace("*", "^"))
+        path = make(run_dir, tmp)
+        calls.append(("sashimi.generate", ["--checkpoint", str(path), "--device", "cpu", "--seconds", "0.01",
+                                           "--out", str(tmp / "wavs")]))
+        names.append((name, tmp))
+    return {name: (result, tmp) for (name, tmp), result in zip(names, capped_many(calls))}
+
+
 @pytest.mark.parametrize("row", HOSTILE, ids=[r[0] for r in HOSTILE])
-def test_hostile_checkpoints_are_refused_under_a_memory_cap(run_dir, tmp_path, row):
-    _, make, expected = row
-    path = make(run_dir, tmp_path)
-    r = capped(["--checkpoint", str(path), "--device", "cpu", "--seconds", "0.01", "--out", str(tmp_path / "wavs")],
-               "sashimi.generate")
-    one_line(r, expected)
-    assert not (tmp_path / "wavs").exists() or not list((tmp_path / "wavs").iterdir())
+def test_hostile_checkpoints_are_refused_under_a_memory_cap(hostile_results, row):
+    name, _, expected = row
+    (rc, err), tmp = hostile_results[name]
+    one_line(subprocess.CompletedProcess([], rc, "", err), expected)
+    assert not (tmp / "wavs").exists() or not list((tmp / "wavs").iterdir())
 
 
 def test_hostile_checkpoints_are_refused_by_every_reader(run_dir, tmp_path):
     path = _forge(run_dir, tmp_path / "c.pt", lambda p: p["model"].update(
         {"embedding.weight": torch.zeros(1).expand(20000, 20000)}), hashed=False)
-    one_line(capped(["--checkpoint", str(path), "--device", "cpu", "--seconds", "0.1", "--clips", "1",
-                     "--out", str(tmp_path / "eval")], "sashimi.evaluate"), "not a plain view")
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     os.link(path, resumed / "checkpoint.pt")
-    one_line(capped(["--stereo", "--steps", "4", *FAST, "--out", str(resumed), "--resume"], "sashimi.train"),
-             "not a plain view")
-    one_line(capped(["--from", "s4", str(path), str(tmp_path / "conv.pt"), "--dt-transform", "exp"],
-                    "sashimi.convert"), "not a plain view")
+    results = capped_many([
+        ("sashimi.evaluate", ["--checkpoint", str(path), "--device", "cpu", "--seconds", "0.1", "--clips", "1",
+                              "--out", str(tmp_path / "eval")]),
+        ("sashimi.train", ["--stereo", "--steps", "4", *FAST, "--out", str(resumed), "--resume"]),
+        ("sashimi.convert", ["--from", "s4", str(path), str(tmp_path / "conv.pt"), "--dt-transform", "exp"])])
+    for rc, err in results:
+        one_line(subprocess.CompletedProcess([], rc, "", err), "not a plain view")
 
 
 # ----------------------------------------------------------------------- non-regular files
@@ -204,10 +237,14 @@ NON_REGULAR = [
 ]
 
 
-@pytest.mark.parametrize("row", NON_REGULAR, ids=[r[0] for r in NON_REGULAR])
-def test_non_regular_files_are_refused(run_dir, tmp_path, row):
-    _, argv, module, expected = row
-    one_line(capped(argv(run_dir, tmp_path), module), expected)
+def test_non_regular_files_are_refused(run_dir, tmp_path):
+    calls = []
+    for i, (name, argv, module, _) in enumerate(NON_REGULAR):
+        tmp = tmp_path / str(i)
+        tmp.mkdir()
+        calls.append((module, argv(run_dir, tmp)))
+    for (name, _, _, expected), (rc, err) in zip(NON_REGULAR, capped_many(calls)):
+        one_line(subprocess.CompletedProcess([name], rc, "", err), expected)
 
 
 def test_train_resume_from_a_fifo_checkpoint_is_refused(tmp_path):
@@ -235,17 +272,16 @@ def _nan_producing(run_dir: Path, tmp: Path) -> Path:
     return _forge(run_dir, tmp / "nan.pt", edit)
 
 
-def test_generate_refuses_a_non_finite_likelihood(run_dir, tmp_path):
-    r = capped(["--checkpoint", str(_nan_producing(run_dir, tmp_path)), "--device", "cpu", "--seconds", "0.01",
-                "--out", str(tmp_path / "wavs")], "sashimi.generate")
-    one_line(r, "non-finite probabilities")
+def test_generate_and_evaluate_refuse_non_finite_results(run_dir, tmp_path):
+    nan = _nan_producing(run_dir, tmp_path)
+    generated, evaluated = capped_many([
+        ("sashimi.generate", ["--checkpoint", str(nan), "--device", "cpu", "--seconds", "0.01",
+                              "--out", str(tmp_path / "wavs")]),
+        ("sashimi.evaluate", ["--checkpoint", str(nan), "--device", "cpu", "--seconds", "0.05", "--clips", "1",
+                              "--quiet", "--out", str(tmp_path / "eval")])])
+    one_line(subprocess.CompletedProcess(["generate"], *generated[:1], "", generated[1]), "non-finite probabilities")
     assert not list(tmp_path.rglob("*.wav"))
-
-
-def test_evaluate_refuses_a_non_finite_nll(run_dir, tmp_path):
-    r = capped(["--checkpoint", str(_nan_producing(run_dir, tmp_path)), "--device", "cpu", "--seconds", "0.05",
-                "--clips", "1", "--quiet", "--out", str(tmp_path / "eval")], "sashimi.evaluate")
-    one_line(r, "is not finite")
+    one_line(subprocess.CompletedProcess(["evaluate"], *evaluated[:1], "", evaluated[1]), "is not finite")
     assert not (tmp_path / "eval" / "summary.json").exists()
 
 
@@ -316,12 +352,25 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(small_tmpfs):
     assert list(small_tmpfs.iterdir()) == []
 
 
+def _fill(folder: Path) -> None:
+    """Write until the file system is full."""
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, bytes(4096)):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def test_generate_into_a_full_disk_is_one_line(run_dir, small_tmpfs):
-    (small_tmpfs / "filler").write_bytes(bytes(252 << 10))   # one 4 KiB page left; the WAV is 6.4 KB
-    r = capped(["--checkpoint", str(run_dir / "checkpoint.pt"), "--device", "cpu", "--seconds", "0.1",
+    (small_tmpfs / "wavs").mkdir()
+    _fill(small_tmpfs)
+    r = capped(["--checkpoint", str(run_dir / "checkpoint.pt"), "--device", "cpu", "--seconds", "0.01",
                 "--out", str(small_tmpfs / "wavs")], "sashimi.generate")
     one_line(r, "the disk is full")
-    assert not [p for p in (small_tmpfs / "wavs").iterdir()]
+    assert not list((small_tmpfs / "wavs").iterdir())
 
 
 def test_a_read_only_file_system_is_one_line(small_tmpfs):

@@ -714,16 +714,28 @@ def _run_locked(args, device, distributed, rank, world, main, out: Path) -> int:
         save(step)
         saved_step = step
 
+    def stopping_now() -> bool:
+        """The stop request as the loop acts on it: under DDP every rank must stop at the same
+        step, so the ranks agree (an all-reduce) at each log step, where the host syncs anyway."""
+        if not distributed:
+            return stop.requested
+        if step % log_every:
+            return False
+        flag = torch.tensor([int(stop.requested)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     model.train()
+    stopping = False
     with StopRequest() as stop:
         try:
-            while step < train_cfg.steps and not stop.requested:
+            while step < train_cfg.steps and not stopping and not (stop.requested and not distributed):
                 pause_point("data", step, stop)
                 with nvtx_range("sashimi/train/data"):
                     batch = next(batches)
                     check_tokens(batch, model_cfg.levels, "training data")
                     batch = batch.to(device, non_blocking=True)
-                if stop.requested:
+                if stop.requested and not distributed:
                     break
                 for g in optimizer.param_groups:
                     g["lr"] = g["base_lr"] * lr_factor(step, train_cfg)
@@ -744,7 +756,8 @@ def _run_locked(args, device, distributed, rank, world, main, out: Path) -> int:
                 step += 1
                 window_steps += 1
                 last = step == train_cfg.steps
-                ckpt_due = step % train_cfg.checkpoint_every == 0 or last or stop.requested
+                stopping = stopping_now()
+                ckpt_due = step % train_cfg.checkpoint_every == 0 or last or stopping
                 val_due = step % train_cfg.val_every == 0 or last
                 # the loss is checked (one host sync) before anything is validated or saved
                 if step % log_every == 0 or ckpt_due or val_due:
@@ -764,16 +777,16 @@ def _run_locked(args, device, distributed, rank, world, main, out: Path) -> int:
                                  tokens_per_s=f"{tps:.0f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}"))
                     loss_acc.zero_()
                     window_t, window_steps = now, 0
-                if val_due and has_val and not stop.requested:
+                if val_due and has_val and not stopping:
                     val = validate(model, val_data, device, train_cfg.precision, distributed, stop, step)
                     if main and val is not None:
                         bar.write(f"step {step}: validation " + ", ".join(f"{k} {v:.3f}" for k, v in val.items()))
                         log_row(dict(step=step, elapsed_s=f"{time.perf_counter() - t0:.1f}", **{k: f"{v:.4f}" for k, v in val.items()}))
-                if main and (ckpt_due or stop.requested):
+                if main and (ckpt_due or stop.requested):   # a request after the step: saved now
                     save_now()
                 if main and train_cfg.sample_every and step % train_cfg.sample_every == 0 and not stop.requested:
                     write_training_sample(model, out, step, train_cfg.sample_seconds, quantizer, bar, stop)
-            if stop.requested and status == 0:
+            if (stopping or stop.requested) and status == 0:
                 # the safe point: whatever phase the signal hit, the last completed step is saved
                 if main and saved_step != step:
                     save_now()

@@ -21,6 +21,7 @@ import hashlib
 import os
 import pickle
 import random
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -117,7 +118,14 @@ def save(path: str | os.PathLike, payload: dict, keep_previous: bool = False) ->
     with atomic_output(path) as tmp:
         torch.save(payload, tmp)
         if keep_previous and path.exists():
-            os.replace(path, previous_path(path))
+            # a second name for the current file (a copy where links are not supported), so that
+            # `path` itself is never missing: the rename below replaces it in one step
+            with atomic_output(previous_path(path)) as keep:
+                os.unlink(keep)
+                try:
+                    os.link(path, keep)
+                except OSError:
+                    shutil.copyfile(path, keep)
     return path
 
 

@@ -272,5 +272,11 @@ def prefill(model: SaShiMi, tokens: torch.Tensor, *, block: int = 128, dtype: to
         raise RuntimeError("call model.setup_step() before prefill()")
     state = model.default_state(B)
     h = _backbone(model.backbone, model.embed_steps(tokens), state, block, dtype)
-    out = model.step_output(h if return_all else h[:, -1])
+    anchor = None
+    if model.cfg.value_input:
+        per_position = tokens.view(B, T, -1)
+        anchor = model.anchors(per_position)
+        state["values"] = model.token_values(per_position[:, -1])
+    out = model.step_output(h, anchor) if return_all else model.step_output(
+        h[:, -1], None if anchor is None else anchor[:, -1])
     return state, out

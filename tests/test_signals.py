@@ -93,8 +93,11 @@ def test_a_second_signal_stops_at_once_and_says_what_is_on_disk(tmp_path):
     proc = start(out, "validation@3!", ["--val-every", "3", "--checkpoint-every", "2"])
     wait_for_pause(proc, "validation@3")
     proc.send_signal(signal.SIGTERM)
-    while "SIGTERM received" not in proc.stderr.readline():
-        pass
+    while True:                      # the first one is handled before the second is sent
+        line = proc.stderr.readline()
+        assert line, "the run ended before it acknowledged the first signal"
+        if "SIGTERM received" in line:
+            break
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr[-2000:]

@@ -18,6 +18,7 @@ with one clear line, never a traceback.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
 import random
@@ -116,7 +117,14 @@ def save(path: str | os.PathLike, payload: dict, keep_previous: bool = False) ->
     payload = dict(payload, format=FORMAT, format_version=FORMAT_VERSION)
     payload["sha256"] = content_hash(payload)
     with atomic_output(path) as tmp:
-        torch.save(payload, tmp)
+        with open(tmp, "wb", buffering=0) as raw:
+            out = _WriteErrors(raw)
+            try:
+                torch.save(payload, out)
+            except RuntimeError:
+                if out.error is not None:   # torch reports a failed write (a full disk...) as a
+                    raise out.error from None   # RuntimeError: the OSError says why, in one line
+                raise
         if keep_previous and path.exists():
             # a second name for the current file (a copy where links are not supported), so that
             # `path` itself is never missing: the rename below replaces it in one step
@@ -127,6 +135,24 @@ def save(path: str | os.PathLike, payload: dict, keep_previous: bool = False) ->
                 except OSError:
                     shutil.copyfile(path, keep)
     return path
+
+
+class _WriteErrors(io.RawIOBase):
+    """A file that remembers the OSError of a failed write (torch.save hides it)."""
+
+    def __init__(self, raw):
+        super().__init__()
+        self.raw, self.error = raw, None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        try:
+            return self.raw.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
 
 
 def remove_stale_temporaries(folder: str | os.PathLike, name: str) -> list[Path]:

@@ -30,7 +30,7 @@ from kernels.profiling import nvtx_range
 from kernels.reference import check_tokens
 from sashimi import checkpoint
 from sashimi.cli import (UserError, atomic_output, check_at_most, check_fits, check_out_dir, cores, resolve_device,
-                         run_cli)
+                         run_cli, write_error)
 from sashimi.checkpoint import CheckpointError
 from sashimi.model import PRESETS, ModelConfig, SaShiMi, count_parameters
 from sashimi.quantize import Quantizer
@@ -694,13 +694,16 @@ def _run_locked(args, device, distributed, rank, world, main, out: Path) -> int:
     if main and args.resume and log_path.exists():
         trim_log(log_path, start_step)  # rows written after the checkpoint are written again
     elif main:
-        with open(log_path, "w", newline="") as f:
+        with atomic_output(log_path) as tmp, open(tmp, "w", newline="") as f:
             csv.DictWriter(f, fields).writeheader()
 
     def log_row(row: dict) -> None:
         if main:
-            with open(log_path, "a", newline="") as f:
-                csv.DictWriter(f, fields, extrasaction="ignore").writerow(row)
+            try:   # appended row by row (a killed run keeps its rows; resume trims them)
+                with open(log_path, "a", newline="") as f:
+                    csv.DictWriter(f, fields, extrasaction="ignore").writerow(row)
+            except OSError as exc:   # a full disk mid-run: one line; the last checkpoint stays
+                raise write_error(log_path, exc) from None
 
     from tqdm.auto import tqdm
     bar = tqdm(total=train_cfg.steps, initial=start_step, disable=not main, unit="step",
@@ -798,6 +801,9 @@ def _run_locked(args, device, distributed, rank, world, main, out: Path) -> int:
                 if main and saved_step != step:
                     save_now()
                 status = stop.exit_code
+        except UserError:           # e.g. a disk that fills: the one line starts on its own line
+            bar.close()
+            raise
         except KeyboardInterrupt:   # a second signal: stop at once and say what is on disk
             bar.close()
             saved_step = step_on_disk(ckpt_path) if main else None

@@ -333,16 +333,38 @@ def test_atomic_output_leaves_nothing_on_failure(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "out.csv"]
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 256 KiB tmpfs (needs mount rights: skipped where the test has none)."""
+def _tmpfs(tmp_path: Path, size: str):
+    """A tmpfs of `size` (needs mount rights: skipped where the test has none)."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip() or 'mount failed'})")
+    return mnt
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    mnt = _tmpfs(tmp_path, "256k")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_training_into_a_disk_that_fills_is_one_line_and_keeps_its_checkpoint(tmp_path, capsys):
+    """The tiny model's checkpoint is ~4.6 MB: the first fits a 7 MiB disk, the next one's temp
+    file does not. One line, exit 2, the step-1 checkpoint intact, no temp file."""
+    from sashimi.train import main as train_main
+    mnt = _tmpfs(tmp_path, "7m")
+    try:
+        rc = train_main(["--stereo", "--steps", "3", *FAST, "--checkpoint-every", "1", "--out", str(mnt / "run")])
+        err = capsys.readouterr().err
+        assert rc == 2 and "Traceback" not in err, err
+        assert [line for line in err.splitlines() if line.startswith("error:")] == [
+            f"error: cannot write {mnt / 'run' / 'checkpoint.pt'}: the disk is full"], err
+        assert checkpoint.load(mnt / "run" / "checkpoint.pt")["step"] == 1
+        assert not list((mnt / "run").glob(".*.tmp*"))
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def test_a_full_disk_is_one_line_and_leaves_nothing(small_tmpfs):
@@ -371,6 +393,15 @@ def test_generate_into_a_full_disk_is_one_line(run_dir, small_tmpfs):
                 "--out", str(small_tmpfs / "wavs")], "sashimi.generate")
     one_line(r, "the disk is full")
     assert not list((small_tmpfs / "wavs").iterdir())
+
+
+def test_a_checkpoint_into_a_full_disk_is_one_line_and_keeps_the_previous(small_tmpfs):
+    path = small_tmpfs / "checkpoint.pt"
+    checkpoint.save(path, dict(step=1), keep_previous=True)
+    with pytest.raises(UserError, match="the disk is full"):
+        checkpoint.save(path, dict(step=2, w=torch.zeros(1 << 20)), keep_previous=True)
+    assert checkpoint.load(path)["step"] == 1
+    assert sorted(p.name for p in small_tmpfs.iterdir()) == ["checkpoint.pt"]
 
 
 def test_a_read_only_file_system_is_one_line(small_tmpfs):

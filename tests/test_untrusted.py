@@ -44,7 +44,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 CHILD = """
-import contextlib, io, json, resource, runpy, sys, traceback
+import contextlib, io, json, resource, sys, traceback
 import torch
 vm = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()
 resource.setrlimit(resource.RLIMIT_AS, (vm + CAP, vm + CAP))

@@ -121,18 +121,26 @@ def read_input(path: Path, sample_rate: int, channels: int) -> tuple[torch.Tenso
 
 # ------------------------------------------------------------------------------- the model
 
-def load_model(path) -> tuple[SaShiMi, str]:
-    """The checkpoint's model on CPU (reference kernels) and its content SHA-256."""
+def load_model(path, device: str = "cpu") -> tuple[SaShiMi, str]:
+    """The checkpoint's model on `device` (CPU: reference kernels; CUDA: the Triton step
+    kernels, which use no atomics) and its content SHA-256."""
+    from sashimi.cli import resolve_device
+    dev = resolve_device(device)
     try:
-        model, payload = checkpoint.load_model(regular_input(Path(path), "--checkpoint"), "cpu")
+        model, payload = checkpoint.load_model(regular_input(Path(path), "--checkpoint"), dev)
     except checkpoint.CheckpointError as exc:
         raise CodecError(str(exc)) from None
     return model, payload.get("sha256") or checkpoint.content_hash(payload)
 
 
-def arithmetic() -> dict:
+def arithmetic(device: torch.device) -> dict:
     """What the probabilities' bits depend on besides the model (invariant 3)."""
-    return dict(torch=torch.__version__, cpu_capability=torch.backends.cpu.get_cpu_capability(), device="cpu")
+    kind = "cpu" if device.type == "cpu" else f"cuda {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    return dict(torch=torch.__version__, cpu_capability=torch.backends.cpu.get_cpu_capability(), device=kind)
+
+
+def _device(model: SaShiMi) -> torch.device:
+    return model.embedding.weight.device
 
 
 class TokenStepper:
@@ -146,15 +154,17 @@ class TokenStepper:
         self.model, self.C = model, model.cfg.channels
         self.zero = Quantizer(model.cfg.quantization, model.cfg.bits).zero_token
         model.setup_step()
-        self.state = model.default_state(batch)
+        self.device = _device(model)
+        self.state = model.default_state(batch, self.device)
         self.t = 0                      # backbone steps run
         self.frame: list[torch.Tensor] = []   # the current frame's tokens so far (frames layout)
         self.h = None                   # the last step output (frames layout)
         self.out = None
         for _ in range(self.C):  # the silence frame; its last output predicts the first token
-            self.feed(torch.full((batch,), self.zero, dtype=torch.long))
+            self.feed(torch.full((batch,), self.zero, dtype=torch.long, device=self.device))
 
     def feed(self, tokens: torch.Tensor) -> None:
+        tokens = tokens.to(self.device, non_blocking=True)
         if not self.model.cfg.frames:
             self.out = self.model.step(tokens, self.state, self.t)
             self.t += 1
@@ -198,7 +208,7 @@ class IntervalCoder:
         """float64 (A, size): P(digit) of the symbols [lo + d width, lo + (d + 1) width), from
         the head's `cdf(out)`."""
         edges = lo[:, None] + torch.arange(size + 1) * width
-        cdf = cdf(edges)
+        cdf = cdf(edges.to(cdf.device)).cpu()
         p = (cdf[:, 1:] - cdf[:, :-1]).clamp_(min=0.0)
         # far in a tail float64 runs out (every difference 0): code that digit uniformly; both
         # sides see the same floats, so both take this branch
@@ -321,7 +331,11 @@ def decode_tokens(model: SaShiMi, streams: list[np.ndarray], chunks: Chunking, p
             for t in range(out.shape[1]):
                 while lengths[active - 1] <= t:
                     active -= 1
-                column[:active] = coder.decode(dec, stepper.out[:active])
+                try:
+                    column[:active] = coder.decode(dec, stepper.out[:active])
+                except Exception as exc:   # a stream that ends early or cannot be read
+                    raise CodecError(f"the coded stream of chunks {group.start + 1}-{group.stop} cannot be "
+                                     f"decoded ({' '.join(str(exc).split())[:120]}); nothing was written") from None
                 column[active:] = zero
                 out[:, t] = column.numpy()
                 stepper.feed(column.clone())
@@ -360,19 +374,26 @@ def write_container(path: Path, header: dict, streams: list[np.ndarray], token_c
                   chunk_tokens_crc32=token_crcs)
     blob = json.dumps(header, sort_keys=True).encode()
     data = MAGIC + struct.pack("<I", len(blob)) + blob + struct.pack("<I", zlib.crc32(blob)) + b"".join(payloads)
-    _atomic_write(path, data)
+    atomic_write(path, data)
     return len(data)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write through a temp file beside the target; on any failure the temp is removed and the
-    reason is one line."""
-    tmp = path.with_name(f".{path.name}.tmp")
+def writable_path(path: Path) -> Path:
+    """An output path whose folders are folders (or can be made) and which is not one: checked
+    before the work, one line."""
     for folder in reversed(path.parents):
         if folder.exists() and not folder.is_dir():
             raise CodecError(f"cannot write {path}: {folder} is a file, not a folder")
     if path.is_dir():
         raise CodecError(f"cannot write {path}: it is a folder")
+    return path
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write through a temp file beside the target; on any failure the temp is removed and the
+    reason is one line."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    writable_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_bytes(data)
@@ -509,11 +530,12 @@ def flac_bytes(pcm: np.ndarray, sample_rate: int) -> tuple[int, str]:
 
 
 def compress(checkpoint_path, in_path, out_path, chunk_seconds: float = 1.0, progress: bool = True,
-             say=print, group_chunks: int = DEFAULT_GROUP_CHUNKS, loaded=None) -> dict:
+             say=print, group_chunks: int = DEFAULT_GROUP_CHUNKS, loaded=None, device: str = "cpu") -> dict:
+    """Code one file; `loaded` = load_model(...) to reuse a model across files."""
     in_path, out_path = Path(in_path), Path(out_path)
     if not (math.isfinite(chunk_seconds) and chunk_seconds > 0):
         raise CodecError(f"--chunk-seconds must be a finite number > 0, got {chunk_seconds!r}")
-    model, digest = loaded or load_model(checkpoint_path)
+    model, digest = loaded or load_model(checkpoint_path, device)
     cfg = model.cfg
     quantizer = Quantizer(cfg.quantization, cfg.bits)
     audio, info = read_input(in_path, cfg.sample_rate, cfg.channels)
@@ -530,7 +552,7 @@ def compress(checkpoint_path, in_path, out_path, chunk_seconds: float = 1.0, pro
     header = dict(format_version=FORMAT_VERSION, checkpoint_sha256=digest, sample_rate=cfg.sample_rate,
                   channels=cfg.channels, bits=cfg.bits, quantization=cfg.quantization,
                   frames=chunks.frames, chunk_frames=chunks.chunk_frames, group_chunks=chunks.group_chunks,
-                  **arithmetic())
+                  **arithmetic(_device(model)))
     crcs = [token_crc(tokens[i * chunks.chunk_frames: i * chunks.chunk_frames + chunks.length(i)])
             for i in range(chunks.count)]
     size = write_container(out_path, header, streams, crcs)
@@ -553,25 +575,28 @@ def compress(checkpoint_path, in_path, out_path, chunk_seconds: float = 1.0, pro
     return report
 
 
-def _check_arithmetic(path: Path, header: dict) -> None:
+def _check_arithmetic(path: Path, header: dict, device: torch.device) -> None:
     """Invariant 3, before any decoding: the same device kind, torch build and CPU capability."""
-    mine = arithmetic()
+    mine = arithmetic(device)
     if header["device"] != mine["device"]:
-        raise CodecError(f"{path} was coded on {header['device']}: decode it there (float rounding differs)")
+        where = "--device cpu" if header["device"] == "cpu" else f"--device cuda on a {header['device']}"
+        raise CodecError(f"{path} was coded on {header['device']}, this is {mine['device']}: decode it with "
+                         f"{where} (float rounding differs between devices)")
     if header["cpu_capability"] != mine["cpu_capability"]:
         raise CodecError(f"{path} was coded at CPU capability {header['cpu_capability']}, this process runs "
-                         f"{mine['cpu_capability']}: decode with ATEN_CPU_CAPABILITY={header['cpu_capability']} "
+                         f"{mine['cpu_capability']}: decode with ATEN_CPU_CAPABILITY={header['cpu_capability'].lower()} "
                          f"set (on a CPU that has it)")
     if header["torch"] != mine["torch"]:
         raise CodecError(f"{path} was coded with torch {header['torch']}, this is {mine['torch']}: decode it "
                          f"with torch {header['torch']} (the model's float rounding may differ between builds)")
 
 
-def decompress(checkpoint_path, in_path, out_path, progress: bool = True, say=print, loaded=None) -> Path:
+def decompress(checkpoint_path, in_path, out_path, progress: bool = True, say=print, loaded=None,
+               device: str = "cpu") -> Path:
     import soundfile as sf
     in_path, out_path = Path(in_path), Path(out_path)
     header, streams = read_container(in_path)
-    model, digest = loaded or load_model(checkpoint_path)
+    model, digest = loaded or load_model(checkpoint_path, device)
     cfg = model.cfg
     if header["checkpoint_sha256"] != digest:
         raise CodecError(f"{in_path} was compressed with another model (checkpoint SHA-256 "
@@ -579,7 +604,7 @@ def decompress(checkpoint_path, in_path, out_path, progress: bool = True, say=pr
     mine = dict(sample_rate=cfg.sample_rate, channels=cfg.channels, bits=cfg.bits, quantization=cfg.quantization)
     if any(header[k] != v for k, v in mine.items()):
         raise CodecError(f"{in_path}: header {dict((k, header[k]) for k in mine)} does not match the model {mine}")
-    _check_arithmetic(in_path, header)
+    _check_arithmetic(in_path, header, _device(model))
     chunks = Chunking(header["frames"], header["chunk_frames"], header["group_chunks"])
     _check_fits(in_path, chunks, cfg.channels)
     tokens = decode_tokens(model, streams, chunks, progress)
@@ -592,7 +617,7 @@ def decompress(checkpoint_path, in_path, out_path, progress: bool = True, say=pr
     pcm = restored_pcm16(Quantizer(cfg.quantization, cfg.bits), torch.from_numpy(tokens))
     buf = io.BytesIO()
     sf.write(buf, pcm, cfg.sample_rate, subtype="PCM_16", format="WAV")
-    _atomic_write(out_path, buf.getvalue())
+    atomic_write(out_path, buf.getvalue())
     say(f"{out_path}: {chunks.frames} frames, {cfg.channels} ch, {cfg.sample_rate} Hz, 16-bit PCM")
     return out_path
 

@@ -518,7 +518,11 @@ class CategoricalHead(nn.Module):
         """`cdf_at` for several edge sets of the same outputs: the table's sums made once."""
         cdf = F.pad(torch.softmax(out.double(), -1).cumsum(-1), (1, 0)).clamp_(max=1.0)
         cdf[..., -1] = 1.0     # exactly, as the DML head's last edge
-        return lambda edges: cdf.gather(-1, edges.long().clamp(0, self.levels))
+
+        def at(edges: torch.Tensor) -> torch.Tensor:
+            return cdf.gather(-1, edges.long().clamp(0, self.levels))
+        at.device = out.device
+        return at
 
     @staticmethod
     def anchored(out: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
@@ -623,6 +627,7 @@ class DMLHead(nn.Module):
             z = (x[:, :, None] - mean).mul_(inv_s).sigmoid_()
             cdf = torch.bmm(z, w)[..., 0]           # the mixture: sum_j w_j sigmoid((x - mu_j) / s_j)
             return cdf.masked_fill_(edges <= 0, 0.0).masked_fill_(edges >= self.levels, 1.0)
+        at.device = out.device
         return at
 
     @torch.no_grad()

@@ -77,11 +77,25 @@ class CodecError(UserError):
 
 # --------------------------------------------------------------------------------- samples
 
+BLOCK = 1 << 18     # samples converted at a time: whole-file temporaries would grow with duration
+
+
 def restored_pcm16(quantizer: Quantizer, tokens: torch.Tensor) -> np.ndarray:
     """What decompress writes for these tokens: int16 PCM. Each token decodes to its bin's
     centre; floor(centre * 32768) is exact for 16-bit linear (token k -> k - 32768)."""
-    x = quantizer.decode(tokens.long()).double().numpy()
-    return np.clip(np.floor(x * 32768.0), -32768, 32767).astype(np.int16)
+    flat, out = tokens.reshape(-1), np.empty(tokens.numel(), dtype=np.int16)
+    for i in range(0, len(flat), BLOCK):
+        x = quantizer.decode(flat[i:i + BLOCK].long()).double().numpy()
+        out[i:i + BLOCK] = np.clip(np.floor(x * 32768.0), -32768, 32767)
+    return out.reshape(tokens.shape)
+
+
+def quantized(quantizer: Quantizer, audio: torch.Tensor) -> np.ndarray:
+    """The model's tokens of float audio (frames, C) as int32, block by block."""
+    flat, out = audio.reshape(-1), np.empty(audio.numel(), dtype=np.int32)
+    for i in range(0, len(flat), BLOCK):
+        out[i:i + BLOCK] = quantizer.encode(flat[i:i + BLOCK]).numpy()
+    return out.reshape(audio.shape)
 
 
 def regular_input(path: Path, what: str = "input") -> Path:
@@ -543,7 +557,7 @@ def compress(checkpoint_path, in_path, out_path, chunk_seconds: float = 1.0, pro
     if not exact:
         say(f"note: a {cfg.bits}-bit {cfg.quantization} model codes the input as its quantiser sees it "
             f"({info['subtype']} in): decompress restores those samples exactly, not the original file")
-    tokens = quantizer.encode(audio).to(torch.int32).numpy()
+    tokens = quantized(quantizer, audio)
     del audio
     chunks = Chunking(tokens.shape[0], max(1, int(round(chunk_seconds * cfg.sample_rate))), group_chunks)
     t0 = time.perf_counter()
@@ -615,11 +629,19 @@ def decompress(checkpoint_path, in_path, out_path, progress: bool = True, say=pr
             raise CodecError(f"{in_path}: chunk {i + 1} decoded to other samples than were encoded: this machine "
                              f"computes the model's probabilities differently from the encoder's; nothing was written")
     pcm = restored_pcm16(Quantizer(cfg.quantization, cfg.bits), torch.from_numpy(tokens))
-    buf = io.BytesIO()
-    sf.write(buf, pcm, cfg.sample_rate, subtype="PCM_16", format="WAV")
-    atomic_write(out_path, buf.getvalue())
+    atomic_write(out_path, _wav_bytes(pcm, cfg.sample_rate))
     say(f"{out_path}: {chunks.frames} frames, {cfg.channels} ch, {cfg.sample_rate} Hz, 16-bit PCM")
     return out_path
+
+
+def _wav_bytes(pcm: np.ndarray, sample_rate: int) -> bytes:
+    """A 16-bit PCM WAV of int16 samples (frames, C): a 44-byte header and the samples as they
+    are (no float round trip, no second copy through an encoder)."""
+    frames, channels = pcm.shape
+    data = pcm.astype("<i2", copy=False).tobytes()
+    header = struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", 36 + len(data), b"WAVE", b"fmt ", 16, 1, channels,
+                         sample_rate, sample_rate * channels * 2, channels * 2, 16, b"data", len(data))
+    return header + data
 
 
 def _check_fits(path: Path, chunks: Chunking, channels: int) -> None:

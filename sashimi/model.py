@@ -233,7 +233,7 @@ CONFIG_RULES = {
 PRESETS = {
     # trains on a laptop CPU in minutes. S4D (half the CPU step time of DPLR) with each tier's
     # memory bounded by its training window (dt_per_length), so that it generates far beyond
-    # its 64 ms window without drifting into noise (issue 12; QUALITY.md has the measurements)
+    # its 64 ms window without drifting into noise (QUALITY.md has the measurements)
     "tiny": dict(d_model=32, n_layers=2, pool=(4, 4), expand=2, ff=2, d_state=16, seq_len=1024,
                  ssm="diag", dt_per_length=8.0),
     # the SaShiMi paper's model
@@ -339,7 +339,7 @@ def tier_dt_range(cfg: ModelConfig, l_max: int) -> tuple[float, float]:
     window the tier is trained on (S4D-Lin, Re(A) = -1/2: to exp(-c/2); HiPPO-LegS, slowest
     eigenvalue -1: to exp(-c)), so nothing the model does beyond its training window is
     untrained: the continuous recurrence predicts as well at any position as inside a window
-    (issue 12, QUALITY.md). dt_max grows to at least 10 dt_min. c = 0: the global range
+    (QUALITY.md). dt_max grows to at least 10 dt_min. c = 0: the global range
     everywhere (the public SaShiMi's, which trains on 8 s windows)."""
     if cfg.dt_per_length <= 0:
         return cfg.dt_min, cfg.dt_max

@@ -22,8 +22,8 @@ How (every tier of the backbone runs over its whole sequence at once):
       M   = A_bar^b                                                    (real-linear map)
   all obtained by running the layer's own step factors (`setup_step()`; the
   `kernels.reference` step math, upcast to complex128) on a unit impulse and on the 2N real
-  basis states: no matrix power, no eigendecomposition (the DPLR matrix is not diagonalised:
-  design.md). For a block s starting in state x_s:
+  basis states: no matrix power, no eigendecomposition (the DPLR matrix is never
+  diagonalised). For a block s starting in state x_s:
       y[s b + k] = sum_{j <= k} K_{k-j} u[s b + j] + O_k . x_s        (two batched matmuls)
       x_{s+1}    = M x_s + sum_j V_{b-1-j} u[s b + j]                 (one small matmul per block)
   The state is kept in real form [Re x, Im x] (the step is real-linear in the half state that

@@ -382,7 +382,7 @@ def cpu_plan(device: torch.device, synthetic: bool, workers: int | None, threads
              world: int = 1, cores: int | None = None, load: float | None = None) -> tuple[int | None, int]:
     """(torch threads or None = leave as is, data workers) so that training does not
     oversubscribe the cores: on a busy CPU, more runnable threads than cores made every step
-    4-7x slower (issue 12). On CPU the cores this process may use (its affinity), shared by the
+    4-7x slower. On CPU the cores this process may use (its affinity), shared by the
     `world` ranks on this machine, go to torch threads and data workers together: synthetic
     data needs no workers (its tokens are precomputed); files get one worker per 4 cores, at least
     one, at most two (each worker runs one thread). Threads also leave room for what already

@@ -236,7 +236,7 @@ def test_fused_tier_kernel_reproduces_convolution(triton_device):
 
 
 # --------------------------------------------------------------------------------------------
-# the frames stereo layout (issue 14): one position per frame, R predicted given L
+# the frames stereo layout: one position per frame, R predicted given L
 # --------------------------------------------------------------------------------------------
 FRAMES_COMBOS = [(ssm, head) for ssm in ("dplr", "diag") for head in ("categorical", "dml")]
 

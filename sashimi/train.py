@@ -899,6 +899,9 @@ def train_loop(run: Run, batches, val_data, log: CsvLog) -> tuple[int, int | Non
                 if main and saved_step != step:
                     save_now()
                 status = stop.exit_code
+        except UserError:           # e.g. a disk that fills: the one line starts on its own line
+            bar.close()
+            raise
         except KeyboardInterrupt:   # a second signal: stop at once and say what is on disk
             bar.close()
             saved_step = step_on_disk(run.ckpt_path) if main else None

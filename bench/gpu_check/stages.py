@@ -493,14 +493,14 @@ CODEC_FIELDS = ("preset", "device", "frames", "chunks", "encode_samples_per_s", 
 
 def stage_codec(ctx: Ctx) -> int:
     """sashimi.codec on the device: a 16-bit linear DML stereo model (frames layout, value input)
-    at 44.1 kHz, random init, on synthetic stereo music, coded in 1/16-s chunks (the dry run: 1/64 s) as one batch;
+    at 44.1 kHz, random init, on synthetic stereo music, coded in 1/32-s chunks (the dry run: 1/64 s) as one batch;
     encode and decode timed, the decoded tokens compared with the input."""
     import numpy as np
 
     from sashimi import codec
     from sashimi.data import SyntheticStereoMusic
     from sashimi.model import PRESETS, ModelConfig, SaShiMi
-    seconds = 0.1 if ctx.dry else 2.0
+    seconds = 0.1 if ctx.dry else 1.0
     bad = []
     for preset in (("tiny",) if ctx.dry else ("tiny", "paper")):
         def measure(preset=preset):
@@ -513,7 +513,7 @@ def stage_codec(ctx: Ctx) -> int:
             audio = SyntheticStereoMusic(cfg.sample_rate, seconds_per_clip=seconds, clips=1).clip(0)
             tokens = cfg.quantizer.encode(audio).to(torch.int32).numpy()
             frames = tokens.shape[0]
-            chunks = codec.Chunking(frames, max(1, cfg.sample_rate // (64 if ctx.dry else 16)))
+            chunks = codec.Chunking(frames, max(1, cfg.sample_rate // (64 if ctx.dry else 32)))
             t1 = time.perf_counter()
             streams, _ = codec.encode_tokens(model, tokens, chunks)
             ctx.sync()

@@ -3,22 +3,12 @@
     python -m bench.compare RUN.json [--baseline bench/baselines/<gpu>.json] [--threshold 0.10]
     python -m bench.compare RUN.json --save-baseline      # make RUN.json the baseline
 
-RUN.json is what `pytest bench --benchmark-only --benchmark-json RUN.json` writes. Benchmarks
-are matched by name (pytest's fullname, without the folder the run was started from). The time
-compared is the do_bench median `extra_info["ms_p50"]` that bench/_common.run records (CUDA
-events, no host sync in the timing), else pytest-benchmark's own `stats.median`.
-
-Exit status:
-  0  no benchmark is more than --threshold slower than the baseline (new benchmarks, and
-     baseline benchmarks the run lacks, are listed but never fail)
-  1  at least one is: the offenders are printed as a second table
-  2  nothing was compared: unreadable file, runs from two different GPU models, no baseline
-     for this GPU yet (the message says how to save one), a run without benchmarks
-
-The GPU model comes from machine_info["gpu_name"] when the run has one, else from the
-benchmarks' extra_info["gpu_name"]. The default baseline is bench/baselines/<slug>.json, the
-slug of the GPU name ("NVIDIA H100 80GB HBM3" -> nvidia-h100-80gb-hbm3). Timings only compare
-on the same GPU model: a different one is refused, never silently compared.
+Benchmarks are matched by name (pytest's fullname without the folder pytest ran from); the time
+compared is the do_bench median extra_info["ms_p50"] (else pytest-benchmark's stats.median).
+Exit 0: nothing more than --threshold slower (new and missing benchmarks are listed, never
+fail); 1: some are (printed again as a second table); 2: nothing compared (unreadable file, two
+GPU models, no baseline for this GPU yet: the message says how to save one). The default baseline
+is bench/baselines/<slug of the GPU name>.json; a run on another GPU model is refused.
 """
 from __future__ import annotations
 
@@ -51,9 +41,7 @@ class Row:
 
     @property
     def ratio(self) -> float | None:
-        if self.baseline_ms is None or self.run_ms is None or self.baseline_ms <= 0:
-            return None
-        return self.run_ms / self.baseline_ms
+        return self.run_ms / self.baseline_ms if self.run_ms is not None and (self.baseline_ms or 0) > 0 else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,10 +87,8 @@ def default_baseline_path(name: str) -> Path:
 
 def _shown(path: Path) -> str:
     """The path relative to the working directory when it lies below it."""
-    try:
-        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
+    p = Path(path).resolve()
+    return str(p.relative_to(Path.cwd().resolve())) if p.is_relative_to(Path.cwd().resolve()) else str(path)
 
 
 def bench_key(bench: dict) -> str:
@@ -115,12 +101,10 @@ def bench_key(bench: dict) -> str:
 
 def median_ms(bench: dict) -> float | None:
     """The do_bench median extra_info['ms_p50'] when present, else stats.median (seconds) in ms."""
-    value = (bench.get("extra_info") or {}).get("ms_p50")
-    if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
-        return float(value)
-    median = (bench.get("stats") or {}).get("median")
-    if isinstance(median, (int, float)) and math.isfinite(median) and median > 0:
-        return float(median) * 1e3
+    for value, scale in (((bench.get("extra_info") or {}).get("ms_p50"), 1.0),
+                         ((bench.get("stats") or {}).get("median"), 1e3)):
+        if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
+            return float(value) * scale
     return None
 
 
@@ -166,28 +150,18 @@ def compare(baseline: dict, run: dict, threshold: float = DEFAULT_THRESHOLD,
         if b_ms is None or r_ms is None:
             rows.append(Row(key, b_ms, r_ms, NEW if b_ms is None else MISSING))
             continue
-        ratio = r_ms / b_ms
         now, then = {"median": r_ms}, {"median": b_ms}
-        if slower.fails(now, then) and by_more.fails(now, then):
-            verdict = SLOWER
-        elif ratio < 1.0 - threshold:
-            verdict = FASTER
-        else:
-            verdict = OK
+        verdict = SLOWER if slower.fails(now, then) and by_more.fails(now, then) else \
+            FASTER if r_ms / b_ms < 1.0 - threshold else OK
         rows.append(Row(key, b_ms, r_ms, verdict))
     rows += [Row(key, None, median_ms(r), NEW) for key, r in new.items() if key not in base]
     return rows
 
 
-def _fmt_ms(x: float | None) -> str:
-    if x is None:
-        return "-"
-    return f"{x:.4g}" if x < 1000 else f"{x:.1f}"
-
-
 def format_table(rows: list[Row]) -> str:
     header = ("benchmark", "baseline ms", "run ms", "ratio", "verdict")
-    cells = [(r.name, _fmt_ms(r.baseline_ms), _fmt_ms(r.run_ms),
+    ms = lambda x: "-" if x is None else f"{x:.4g}" if x < 1000 else f"{x:.1f}"  # noqa: E731
+    cells = [(r.name, ms(r.baseline_ms), ms(r.run_ms),
               "-" if r.ratio is None else f"{r.ratio:.3f}", r.verdict) for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h)
               for i, h in enumerate(header)]
@@ -230,9 +204,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
     try:
-        return _main(args)
+        return _main(parse_args(argv))
     except CompareError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

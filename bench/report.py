@@ -1,25 +1,15 @@
 """Regenerate the measured part of BENCHMARKS.md from one pytest-benchmark run.
 
     pytest bench --benchmark-only --benchmark-json run.json      # on the GPU
-    python -m bench.report run.json [--out BENCHMARKS.md] [--plots-dir bench/plots]
+    python -m bench.report [run.json] [--out BENCHMARKS.md] [--plots-dir bench/plots]
 
 It writes only between the markers `<!-- bench.report:begin -->` and `<!-- bench.report:end -->`
-of the output file, so the hand-written sections around them (and the static gate's table, which
-scripts/aot_check.py writes between its own markers) survive; a file without the markers gets
-the generated part appended inside a new pair, a missing file is created.
-
-Everything measured comes from run.json: the device, versions and date, and per benchmark the
-do_bench median (extra_info ms_p50, p20-p80) that bench/_common.run records. What is not
-measured is fixed here: the anchors (the public S4 / SaShiMi on an H100, /work/shared
-anchors.md), the targets (design.md) and the floors table (the static part of BENCHMARKS.md,
-computed from the H100's ceilings before any measurement).
-
-Sections: kernels (one row per op, direction, shape, dtype and non-reference provider: median,
-the matching reference's median, speed-up, GFLOP/s or GB/s, fraction of the floor, anchor,
-target), the training step (tokens/s, peak GiB), generation (steps/s, samples/s), the data
-pipeline, then the floors. Plots (kernel time vs L for cauchy and vandermonde with the anchors,
-generation throughput vs batch) are written when matplotlib is installed, else skipped with a
-note.
+of the output file (a file without them gets them appended, a missing file is created), so the
+hand-written sections and the static gate's table (scripts/aot_check.py) survive. Measured: the
+device, versions, date and, per benchmark, the do_bench median (extra_info ms_p50, p20-p80).
+Fixed: the anchors, targets and H100 ceilings (bench/anchors.json) and the floors table. Without
+a run: the floors table alone. Plots (kernel time vs L, generation throughput vs batch) need
+matplotlib, else they are skipped with a note.
 """
 from __future__ import annotations
 
@@ -31,51 +21,60 @@ import sys
 from collections import OrderedDict
 from pathlib import Path
 
-# --------------------------------------------------------------------------------------------
-# fixed figures: anchors.md (H100 80GB HBM3, torch 2.11.0+cu130, 2026-11-25) and design.md
-# --------------------------------------------------------------------------------------------
-# The kernel anchors and targets are declared once, in the op registry (kernels/ops.py).
 _ROOT = Path(__file__).resolve().parent.parent
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
+from bench.compare import median_ms  # noqa: E402
 from kernels.ops import OPS  # noqa: E402
 
-# (op, direction, B, L) -> (S4 CUDA extension ms, naive PyTorch ms or None); N = 32 pairs
-KERNEL_ANCHORS = {(op, d, spec.bench[name]["B"], spec.bench[name]["L"]): (ms, spec.naive_anchors.get((d, name)))
-                  for op, spec in OPS.items() for (d, name), ms in spec.anchors.items()}
-# (op, direction, B, L) -> target ms (design.md), for the triton provider
-KERNEL_TARGET_MS = {(op, d, spec.bench[name]["B"], spec.bench[name]["L"]): ms
-                    for op, spec in OPS.items() for (d, name), ms in spec.targets.items()}
-EMBED_ANCHOR_SHAPE = dict(B=16, L=64000, C=2, D=64)      # design.md's embed_interleave targets
-EMBED_FWD_FRACTION = 0.8                                  # >= 80% of copy bandwidth (bf16)
-EMBED_BWD_SPEEDUP = 5.0                                   # >= 5x nn.Embedding's backward
+A = json.loads((Path(__file__).with_name("anchors.json")).read_text())
+# (op, direction, B, L) -> {anchor_ms, naive_ms, target_ms}; N = 32 pairs
+KERNEL_ANCHORS = {(op, d, OPS[op].bench[name]["B"], OPS[op].bench[name]["L"]): fig
+                  for op, shapes in A["kernels"].items() for name, dirs in shapes.items() for d, fig in dirs.items()}
+EMBED = A["embed_interleave"]
+GEN_ANCHOR_SAMPLES = {int(b): x for b, x in A["generation"]["anchor_samples_per_s"].items()}
+GEN_TARGET_SAMPLES = {int(b): x for b, x in A["generation"]["target_samples_per_s"].items()}
+DATA_TARGET_TOKENS = A["data"]["target_tokens_per_s"]
+H = A["h100"]
+CEILINGS = (f"H100 ceilings (bench/anchors.json): fp32 {H['fp32_flops'] / 1e12:g} TFLOP/s, device copy "
+            f"{H['bytes_per_s'] / 1e12:g} TB/s (bytes read + written).")
 
-TRAIN_ANCHOR = dict(tokens_per_s=1.00e6, peak_gib=8.36)   # public SaShiMi, mono B=8 x 16384
-TRAIN_TARGET = dict(tokens_per_s=3.0e6, peak_gib=6.0)
-GEN_ANCHOR_SAMPLES = {1: 248.0, 16: 3318.0, 256: 44404.0}  # public, "diagonal", mono
-GEN_TARGET_STEPS = {1: 32000.0}                           # 16 kHz stereo in real time
-GEN_TARGET_SAMPLES = {256: 2.0e6}
-DATA_TARGET_TOKENS = 30e6
 
-CEILINGS = ("H100 ceilings (shared/anchors.md, measured 2026-11-25): fp32 51.6 TFLOP/s "
-            "(25.8 T FMA/s), device copy 3.0 TB/s (bytes read + written).")
+def floors() -> str:
+    """The floors table (work counted and floor computed from the H100's ceilings before any
+    measurement), with the targets and public anchors of bench/anchors.json."""
+    k = lambda op, d: KERNEL_ANCHORS[(op, d, 1024, 16384)]  # noqa: E731
+    t, g = A["train"], A["generation"]
+    rows = [
+        ("cauchy fwd", "B=1024, N/2=32, L=16384", "537 M conjugate-pair terms; the pair folded into one fraction "
+         "(a z - b)/(z^2 - c z + d): ~13 fp32 FMA-class instructions + 1 reciprocal per term", "~0.2-0.27 ms",
+         f"<= {k('cauchy', 'fwd')['target_ms']:g} ms", f"{k('cauchy', 'fwd')['anchor_ms']:g} ms"),
+        ("cauchy fwd+bwd", "same", "backward: two complex reciprocals and their squares per term (~2x forward)",
+         "~0.6-0.8 ms", f"<= {k('cauchy', 'fwdbwd')['target_ms']:g} ms", f"{k('cauchy', 'fwdbwd')['anchor_ms']:g} ms"),
+        ("vandermonde fwd", "B=1024, N/2=32, L=16384", "537 M terms; exp once per block, then one complex "
+         "multiply-add (~6 instructions) per term", "~0.1 ms", f"<= {k('vandermonde', 'fwd')['target_ms']:g} ms",
+         f"{k('vandermonde', 'fwd')['anchor_ms']:g} ms"),
+        ("vandermonde fwd+bwd", "same", "backward: two sums over l per (b, n) (grad v, grad x)", "~0.3 ms",
+         f"<= {k('vandermonde', 'fwdbwd')['target_ms']:g} ms", f"{k('vandermonde', 'fwdbwd')['anchor_ms']:g} ms"),
+        ("embed_interleave fwd", "B=16, L=64000, C=2, D=64, bf16 out", "2.048 M rows x (8 B token + 128 B row "
+         "written); the 256-row table stays in L2", "93 us (fp32 out: 180 us)",
+         f">= {EMBED['target_fwd_fraction_of_floor']:.0%} of copy bandwidth", "PyTorch view + embedding"),
+        ("embed_interleave bwd", "same, fp32 grad in", "2.048 M rows x (256 B read + 8 B token)", "180 us",
+         f">= {EMBED['target_bwd_speedup_vs_torch']:g}x faster than `nn.Embedding` backward", "PyTorch embedding backward"),
+        ("training step", "paper, mono B=8 x L=16384", "dense layers ~1.2 MFLOP/token forward (tiers of H = 64, 128, "
+         "256 at L, L/4, L/16), x3 with backward: 0.47 TFLOP/step", "~9 ms fp32 (14 M tokens/s)",
+         f">= {t['target_tokens_per_s'] / 1e6:.1f} M tokens/s, <= {t['target_peak_gib']:g} GiB",
+         f"{t['anchor_tokens_per_s'] / 1e6:.2f} M tokens/s, {t['anchor_peak_gib']} GiB"),
+        ("generation step", "paper, batch 1", f"0.8 MB of weights per tier-0 step (L2-resident); launch-bound: "
+         f"{H['graph_kernel_us']} us per kernel in a CUDA graph", "~31 us/step budget = ~25 kernels or one "
+         "persistent kernel", f">= {g['target_steps_per_s']['1']:,.0f} steps/s",
+         f"{g['anchor_samples_per_s']['1']:,.0f} samples/s"),
+        ("generation step", "paper, batch 256", "0.3 GFLOP per step", "~6 us compute; budget 128 us/step",
+         f">= {g['target_samples_per_s']['256']:,.0f} samples/s", f"{g['anchor_samples_per_s']['256']:,.0f} samples/s"),
+    ]
+    return "## Floors (before tuning)\n\n" + table(["op", "size", "work counted", "floor", "target",
+                                                    "anchor (public S4/SaShiMi, H100)"], [list(r) for r in rows]) + "\n"
 
-# The floors table of BENCHMARKS.md (written before any GPU measurement): kept as it is.
-FLOORS = """\
-## Floors (before tuning)
-
-| op | size | work counted | floor | target | anchor (public S4/SaShiMi, H100) |
-|---|---|---|---|---|---|
-| cauchy fwd | B=1024, N/2=32, L=16384 | 537 M conjugate-pair terms; the pair folded into one fraction (a z - b)/(z^2 - c z + d): ~13 fp32 FMA-class instructions + 1 reciprocal per term | ~0.2-0.27 ms | <= 0.25 ms | 0.724 ms |
-| cauchy fwd+bwd | same | backward: two complex reciprocals and their squares per term (~2x forward) | ~0.6-0.8 ms | <= 1.0 ms | 2.49 ms |
-| vandermonde fwd | B=1024, N/2=32, L=16384 | 537 M terms; exp once per block, then one complex multiply-add (~6 instructions) per term | ~0.1 ms | <= 0.15 ms | 0.487 ms |
-| vandermonde fwd+bwd | same | backward: two sums over l per (b, n) (grad v, grad x) | ~0.3 ms | <= 0.6 ms | 1.39 ms |
-| embed_interleave fwd | B=16, L=64000, C=2, D=64, bf16 out | 2.048 M rows x (8 B token + 128 B row written); the 256-row table stays in L2 | 93 us (fp32 out: 180 us) | >= 80% of copy bandwidth | PyTorch view + embedding |
-| embed_interleave bwd | same, fp32 grad in | 2.048 M rows x (256 B read + 8 B token) | 180 us | >= 5x faster than `nn.Embedding` backward | PyTorch embedding backward |
-| training step | paper, mono B=8 x L=16384 | dense layers ~1.2 MFLOP/token forward (tiers of H = 64, 128, 256 at L, L/4, L/16), x3 with backward: 0.47 TFLOP/step | ~9 ms fp32 (14 M tokens/s) | >= 3.0 M tokens/s, <= 6 GiB | 1.00 M tokens/s, 8.36 GiB |
-| generation step | paper, batch 1 | 0.8 MB of weights per tier-0 step (L2-resident); launch-bound: 1.18 us per kernel in a CUDA graph | ~31 us/step budget = ~25 kernels or one persistent kernel | >= 32,000 steps/s | 248 samples/s |
-| generation step | paper, batch 256 | 0.3 GFLOP per step | ~6 us compute; budget 128 us/step | >= 2,000,000 samples/s | 44,404 samples/s |
-"""
 
 OP_ORDER = list(OPS)
 DIRECTION_ORDER = ["fwd", "fwdbwd", "bwd"]
@@ -89,37 +88,16 @@ def _num(x) -> float | None:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
 
 
-def median_ms(bench: dict) -> float | None:
-    info = bench.get("extra_info") or {}
-    ms = _num(info.get("ms_p50"))
-    if ms is not None:
-        return ms
-    med = _num((bench.get("stats") or {}).get("median"))
-    return None if med is None else med * 1e3
-
-
 def fmt_ms(ms: float | None) -> str:
-    if ms is None:
-        return "-"
-    if ms >= 100:
-        return f"{ms:.0f}"
-    if ms >= 1:
-        return f"{ms:.3g}" if ms < 10 else f"{ms:.1f}"
-    return f"{ms:.3g}"
+    return "-" if ms is None else f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}" if ms >= 10 else f"{ms:.3g}"
 
 
 def fmt_big(x: float | None) -> str:
-    if x is None:
-        return "-"
-    if x >= 1e6:
-        return f"{x / 1e6:.2f} M"
-    return f"{x:,.0f}"
+    return "-" if x is None else f"{x / 1e6:.2f} M" if x >= 1e6 else f"{x:,.0f}"
 
 
 def fmt_shape(shape) -> str:
-    if isinstance(shape, dict):
-        return " ".join(f"{k}={v}" for k, v in shape.items())
-    return str(shape)
+    return " ".join(f"{k}={v}" for k, v in shape.items()) if isinstance(shape, dict) else str(shape)
 
 
 def yes_no(ok: bool | None) -> str:
@@ -140,12 +118,9 @@ def _date(stamp) -> str:
     """pytest-benchmark's ISO datetime as '2026-11-25 12:34 UTC' (as given if unparsable)."""
     from datetime import datetime, timezone
     try:
-        dt = datetime.fromisoformat(str(stamp))
+        return datetime.fromisoformat(str(stamp)).astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     except ValueError:
         return str(stamp or "?")
-    if dt.tzinfo is not None:
-        dt = dt.astimezone(timezone.utc)
-    return dt.strftime("%Y-%m-%d %H:%M") + (" UTC" if dt.tzinfo is not None else "")
 
 
 def run_meta(run: dict) -> dict:
@@ -183,21 +158,21 @@ def _baseline_provider(provider: str, providers: dict) -> str | None:
 
 
 def _kernel_target(op, direction, shape, dtype, provider, ms, info, providers) -> tuple[str, bool | None]:
-    """(target text, met?) for the design.md kernel targets; ('', None) where none applies."""
+    """(target text, met?) for the kernel targets of bench/anchors.json; ('', None) where none applies."""
     B, L = shape.get("B"), shape.get("L")
-    if (op, direction, B, L) in KERNEL_TARGET_MS and provider == "triton":
-        t = KERNEL_TARGET_MS[(op, direction, B, L)]
+    t = KERNEL_ANCHORS.get((op, direction, B, L), {}).get("target_ms")
+    if t and provider == "triton":
         return f"<= {t:g} ms", ms <= t
-    anchor_shape = all(shape.get(k) == v for k, v in EMBED_ANCHOR_SHAPE.items())
-    if op == "embed_interleave" and anchor_shape and provider == "triton":
+    if op == "embed_interleave" and all(shape.get(k) == v for k, v in EMBED["shape"].items()) and provider == "triton":
+        frac, speedup = EMBED["target_fwd_fraction_of_floor"], EMBED["target_bwd_speedup_vs_torch"]
         if direction == "fwd" and dtype == "bf16":
-            frac = _num(info.get("fraction_of_floor"))
-            return f">= {EMBED_FWD_FRACTION:.0%} of floor", None if frac is None else frac >= EMBED_FWD_FRACTION
+            got = _num(info.get("fraction_of_floor"))
+            return f">= {frac:.0%} of floor", None if got is None else got >= frac
         if direction == "bwd":
             torch_ms = median_ms(providers["torch"]) if "torch" in providers else None
             if torch_ms is None:
-                return f">= {EMBED_BWD_SPEEDUP:g}x torch", None
-            return f">= {EMBED_BWD_SPEEDUP:g}x torch ({torch_ms / ms:.1f}x)", torch_ms / ms >= EMBED_BWD_SPEEDUP
+                return f">= {speedup:g}x torch", None
+            return f">= {speedup:g}x torch ({torch_ms / ms:.1f}x)", torch_ms / ms >= speedup
     return "", None
 
 
@@ -234,9 +209,10 @@ def kernel_rows(benches: list[dict]) -> list[list[str]]:
             anchor = KERNEL_ANCHORS.get((op, direction, shape.get("B"), shape.get("L")))
             anchor_txt, vs_anchor = "-", "-"
             if anchor:
-                anchor_txt = f"S4 ext {anchor[0]:g} ms" + (f", naive {anchor[1]:g} ms" if anchor[1] else "")
+                anchor_txt = f"S4 ext {anchor['anchor_ms']:g} ms" + (
+                    f", naive {anchor['naive_ms']:g} ms" if anchor.get("naive_ms") else "")
                 if ms:
-                    vs_anchor = f"{anchor[0] / ms:.2f}x"
+                    vs_anchor = f"{anchor['anchor_ms'] / ms:.2f}x"
             target, met = _kernel_target(op, direction, shape, dtype, provider, ms, info, providers)
             rows.append([str(op), str(direction), fmt_shape(shape), str(dtype), provider,
                          fmt_ms(ms) + spread,
@@ -247,12 +223,14 @@ def kernel_rows(benches: list[dict]) -> list[list[str]]:
     return rows
 
 
+def _of(benches: list[dict], op: str) -> list[tuple[dict, dict]]:
+    """(benchmark, its extra_info) of the benchmarks of one op."""
+    return [(b, b["extra_info"]) for b in benches if (b.get("extra_info") or {}).get("op") == op]
+
+
 def train_rows(benches: list[dict]) -> list[list[str]]:
     rows = []
-    for b in benches:
-        info = b.get("extra_info") or {}
-        if info.get("op") != "train_step":
-            continue
+    for b, info in _of(benches, "train_step"):
         shape = info.get("shape") or {}
         ms = median_ms(b)
         tps = _num(info.get("tokens_per_s"))
@@ -283,10 +261,7 @@ def _channels_label(C, layout) -> str:
 
 def generation_rows(benches: list[dict]) -> list[list[str]]:
     rows = []
-    for b in benches:
-        info = b.get("extra_info") or {}
-        if info.get("op") != "generation":
-            continue
+    for b, info in _of(benches, "generation"):
         batch = info.get("batch") or (info.get("shape") or {}).get("B")
         C = info.get("channels") or (info.get("shape") or {}).get("C") or 1
         steps, samples = _num(info.get("steps_per_s")), _num(info.get("samples_per_s"))
@@ -312,10 +287,7 @@ def generation_rows(benches: list[dict]) -> list[list[str]]:
 
 def data_rows(benches: list[dict]) -> list[list[str]]:
     rows = []
-    for b in benches:
-        info = b.get("extra_info") or {}
-        if info.get("op") != "data":
-            continue
+    for b, info in _of(benches, "data"):
         shape = info.get("shape") or {}
         tps = _num(info.get("tokens_per_s"))
         rows.append([str(shape.get("format", "?")), f"{shape.get('file_rate', '?')} -> {shape.get('model_rate', '?')} Hz",
@@ -328,84 +300,64 @@ def data_rows(benches: list[dict]) -> list[list[str]]:
 # --------------------------------------------------------------------------------------------
 # plots (only with matplotlib)
 # --------------------------------------------------------------------------------------------
+def _log_axes(ax, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.set_xscale("log", base=2)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _curves(ax, series: dict, **style) -> None:
+    """One line per key of series (key -> [(x, y)]), labelled by style['label'](key)."""
+    label = style.pop("label")
+    for key, pts in sorted(series.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label(key), **style)
+
+
 def make_plots(benches: list[dict], plots_dir: Path) -> list[tuple[str, Path]]:
-    """Write the PNGs; returns [(title, path)]. Needs matplotlib (the caller checks)."""
+    """Write the PNGs: kernel time vs L (with the anchors), generation samples/s vs batch (with
+    the anchor and target); returns [(title, path)]. Needs matplotlib (the caller checks)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     plots_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    infos = [(b.get("extra_info") or {}, median_ms(b)) for b in benches]
+    written, pages = [], []
     for op in ("cauchy", "vandermonde"):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-        any_data = False
-        for ax, direction in zip(axes, ("fwd", "fwdbwd")):
-            series: dict[tuple, list] = {}
-            for b in benches:
-                info = b.get("extra_info") or {}
-                shape = info.get("shape") or {}
-                if info.get("op") != op or info.get("direction") != direction or "L" not in shape:
-                    continue
-                ms = median_ms(b)
-                if ms:
-                    series.setdefault((info.get("provider"), shape.get("B")), []).append((shape["L"], ms))
-            for (provider, B), pts in sorted(series.items(), key=lambda kv: (str(kv[0][0]), kv[0][1] or 0)):
-                pts.sort()
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                        linestyle="-" if provider == "triton" else "--", label=f"{provider} B={B}")
-                any_data = True
-            anchors: dict[int, list] = {}
-            for (a_op, a_dir, B, L), (ext_ms, _naive) in KERNEL_ANCHORS.items():
-                if a_op == op and a_dir == direction:
-                    anchors.setdefault(B, []).append((L, ext_ms))
-            for B, pts in sorted(anchors.items()):
-                pts.sort()
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="x", linestyle=":",
-                        color="gray", label=f"S4 CUDA ext B={B} (anchor)")
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("L")
-            ax.set_ylabel("ms (median)")
-            ax.set_title(f"{op} {direction}, N=32 pairs")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
-        if any_data:
-            path = plots_dir / f"{op}_time_vs_L.png"
-            fig.tight_layout()
-            fig.savefig(path, dpi=120)
-            written.append((f"{op}: time vs L", path))
-        plt.close(fig)
-
-    series: dict[tuple, list] = {}
-    for b in benches:
-        info = b.get("extra_info") or {}
+        mine = {d: {} for d in ("fwd", "fwdbwd")}
+        for info, ms in infos:
+            shape = info.get("shape") or {}
+            if info.get("op") == op and info.get("direction") in mine and "L" in shape and ms:
+                mine[info["direction"]].setdefault((info.get("provider"), shape.get("B")), []).append((shape["L"], ms))
+        for ax, (direction, series) in zip(axes, mine.items()):
+            _curves(ax, series, marker="o", label=lambda k: f"{k[0]} B={k[1]}")
+            anchors: dict = {}
+            for (a_op, a_dir, B, L), a_fig in KERNEL_ANCHORS.items():
+                if (a_op, a_dir) == (op, direction):
+                    anchors.setdefault((B,), []).append((L, a_fig["anchor_ms"]))
+            _curves(ax, anchors, marker="x", linestyle=":", color="gray", label=lambda k: f"S4 CUDA ext B={k[0]} (anchor)")
+            _log_axes(ax, "L", "ms (median)", f"{op} {direction}, N=32 pairs")
+        pages.append((fig, any(mine.values()), f"{op}_time_vs_L.png", f"{op}: time vs L"))
+    gen: dict = {}
+    for info, _ in infos:
         if info.get("op") == "generation" and _num(info.get("samples_per_s")):
-            key = (info.get("preset"), _channels_label(info.get("channels"), info.get("stereo_layout")),
-                   info.get("provider"))
-            series.setdefault(key, []).append((info.get("batch"), info["samples_per_s"]))
-    if series:
-        fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        for (preset, channels, provider), pts in sorted(series.items(), key=lambda kv: tuple(map(str, kv[0]))):
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                    label=f"{provider}, {preset}, {channels}")
-        ab = sorted(GEN_ANCHOR_SAMPLES.items())
-        ax.plot([a[0] for a in ab], [a[1] for a in ab], marker="x", linestyle=":", color="gray",
-                label="public SaShiMi, mono (anchor)")
-        tb = sorted(GEN_TARGET_SAMPLES.items())
-        ax.plot([t[0] for t in tb], [t[1] for t in tb], marker="*", linestyle="none", color="red",
-                markersize=10, label="target")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("batch")
-        ax.set_ylabel("samples/s (frames/s over the batch)")
-        ax.set_title("generation throughput, paper config")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = plots_dir / "generation_throughput.png"
-        fig.savefig(path, dpi=120)
-        written.append(("generation throughput vs batch", path))
+            key = (info.get("provider"), info.get("preset"), _channels_label(info.get("channels"), info.get("stereo_layout")))
+            gen.setdefault(key, []).append((info.get("batch"), info["samples_per_s"]))
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    _curves(ax, gen, marker="o", label=lambda k: ", ".join(map(str, k)))
+    _curves(ax, {("anchor",): list(GEN_ANCHOR_SAMPLES.items())}, marker="x", linestyle=":", color="gray",
+            label=lambda k: "public SaShiMi, mono (anchor)")
+    _curves(ax, {("target",): list(GEN_TARGET_SAMPLES.items())}, marker="*", linestyle="none", color="red", markersize=10,
+            label=lambda k: "target")
+    _log_axes(ax, "batch", "samples/s (frames/s over the batch)", "generation throughput, paper config")
+    pages.append((fig, bool(gen), "generation_throughput.png", "generation throughput vs batch"))
+    for fig, has_data, name, title in pages:
+        if has_data:
+            fig.tight_layout()
+            fig.savefig(plots_dir / name, dpi=120)
+            written.append((title, plots_dir / name))
         plt.close(fig)
     return written
 
@@ -434,45 +386,31 @@ def render(run: dict, source_name: str, plots: list[tuple[str, Path]], out_dir: 
         f"Generated by `python -m bench.report {source_name}` from one run of "
         "`pytest bench --benchmark-only --benchmark-json ...`: edit bench/report.py, not this part. "
         "Times are `triton.testing.do_bench` medians (p20-p80 in brackets) in ms; anchors are "
-        "the public S4 / SaShiMi measured on an H100 (shared/anchors.md), targets are design.md's.",
+        "the public S4 / SaShiMi measured on an H100, and the targets, from bench/anchors.json.",
         "",
         CEILINGS,
         "",
     ]
     missing = []
-    krows = kernel_rows(benches)
-    parts += ["## Kernels", ""]
-    if krows:
-        parts += [table(["op", "dir", "shape", "dtype", "provider", "median ms", "reference ms",
-                         "speed-up", "rate", "of floor", "anchor (public)", "vs S4 ext", "target", "met"],
-                        krows), "",
-                  "speed-up: the matching reference's median over this provider's; of floor: the "
-                  "H100 floor time (FLOPs at 51.6 TFLOP/s or bytes at 3.0 TB/s, whichever is "
-                  "larger) over the median; vs S4 ext: the public CUDA extension's time over this "
-                  "provider's.", ""]
-    else:
-        missing.append("kernels")
-        parts += ["No kernel benchmark in this run.", ""]
-    trows = train_rows(benches)
-    parts += ["## Training step (forward + backward + fused AdamW)", ""]
-    if trows:
-        parts += [table(["preset", "shape", "precision", "provider", "ms/step", "tokens/s",
-                         "peak GiB", "vs anchor", "anchor (public SaShiMi)", "target", "met"], trows), ""]
-    else:
-        missing.append("training step")
-        parts += ["No training-step benchmark in this run.", ""]
-    grows = generation_rows(benches)
-    parts += ["## Generation (recurrent, one interleaved token per step)", ""]
-    if grows:
-        parts += [table(["preset", "channels", "batch", "provider", "us/step", "steps/s",
-                         "samples/s", "real time", "anchor samples/s (public, mono)", "target",
-                         "met"], grows), "",
-                  "steps/s: interleaved tokens per second per stream; samples/s: audio frames per "
-                  "second over the batch (a stereo frame is two steps); real time: frames/s per "
-                  "stream over the sample rate.", ""]
-    else:
-        missing.append("generation")
-        parts += ["No generation benchmark in this run.", ""]
+    sections = [
+        ("Kernels", "kernels", kernel_rows(benches), ["op", "dir", "shape", "dtype", "provider", "median ms",
+         "reference ms", "speed-up", "rate", "of floor", "anchor (public)", "vs S4 ext", "target", "met"],
+         "speed-up: the matching reference's median over this provider's; of floor: the H100 floor time "
+         "(FLOPs at its fp32 peak or bytes at its copy bandwidth, whichever is larger) over the median; vs S4 "
+         "ext: the public CUDA extension's time over this provider's."),
+        ("Training step (forward + backward + fused AdamW)", "training step", train_rows(benches),
+         ["preset", "shape", "precision", "provider", "ms/step", "tokens/s", "peak GiB", "vs anchor",
+          "anchor (public SaShiMi)", "target", "met"], ""),
+        ("Generation (recurrent, one interleaved token per step)", "generation", generation_rows(benches),
+         ["preset", "channels", "batch", "provider", "us/step", "steps/s", "samples/s", "real time",
+          "anchor samples/s (public, mono)", "target", "met"],
+         "steps/s: backbone steps per second per stream; samples/s: audio frames per second over the batch "
+         "(an interleaved stereo frame is two steps); real time: frames/s per stream over the sample rate.")]
+    for title, what, rows, header, note in sections:
+        if not rows:
+            missing.append(what)
+        parts += [f"## {title}", "", table(header, rows) if rows else f"No {what} benchmark in this run.", ""] + \
+            ([note, ""] if rows and note else [])
     drows = data_rows(benches)
     if drows:
         parts += ["## Data pipeline (host CPU)", "",
@@ -483,7 +421,7 @@ def render(run: dict, source_name: str, plots: list[tuple[str, Path]], out_dir: 
         for title, path in plots:
             rel = Path(os.path.relpath(path, out_dir)).as_posix()
             parts += [f"![{title}]({rel})", ""]
-    parts += [FLOORS.rstrip("\n"), ""]
+    parts += [floors()]
     if missing:
         parts += ["## Not in this run", "", ", ".join(missing) + ".", ""]
     return "\n".join(parts)
@@ -513,7 +451,8 @@ def write_section(path: Path, name: str, body: str) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
-    p.add_argument("run", help="pytest-benchmark JSON (--benchmark-json) of one run")
+    p.add_argument("run", nargs="?", help="pytest-benchmark JSON (--benchmark-json) of one run "
+                   "(none: the floors table alone)")
     p.add_argument("--out", default="BENCHMARKS.md", help="markdown file to write")
     p.add_argument("--plots-dir", default="bench/plots", help="where the PNGs go (needs matplotlib)")
     p.add_argument("--no-plots", action="store_true", help="do not write plots")
@@ -522,6 +461,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.run is None:
+        write_section(Path(args.out), "bench.report", "No GPU measurement in this file yet: what follows "
+                      "are floors computed from the H100's ceilings, not measurements.\n\n" + CEILINGS + "\n\n" + floors())
+        print(f"wrote the floors table to {args.out}")
+        return 0
     try:
         run = json.loads(Path(args.run).read_text())
     except (OSError, json.JSONDecodeError) as exc:

@@ -18,12 +18,13 @@ import pytest
 import soundfile as sf
 import torch
 
+from bench._common import ANCHORS
 from sashimi.data import AudioCrops, train_batches
 from sashimi.quantize import Quantizer
 
 FILES, SECONDS, FILE_RATE = 8, 20.0, 44100
 CROP, BATCH, CHANNELS = 16384, 8, 2
-TARGET_TOKENS_PER_S = 30e6
+TARGET_TOKENS_PER_S = ANCHORS["data"]["target_tokens_per_s"]
 
 
 @pytest.fixture(scope="session")

@@ -1,25 +1,11 @@
 """Benchmarks of kernels.embed_frames (the joint per-frame embedding: the `frames` layout's encoder).
 
-Bench shape (the registry's, kernels.ops.OPS["embed_frames"].bench): B=16, L=32000, C=2, D=64,
-V=256: the same audio as embed_interleave's anchor (B=16, L=64000 interleaved positions) at one
-position per stereo frame, so the two encoders can be compared on one clip; --bench-size small:
-B=2, L=4096. The tokens are the trainer's non-contiguous view batch[:, :L] of a (B, L+1, C) int64
-batch; weight is (C, V, D). dtype names the tables and the output alike (fp32: fp32 -> fp32;
-bf16: bf16 -> bf16).
-
-Providers:
-  fwd     triton          check=False (the kernel alone: what the floor is about)
-          triton_checked  the default check=True (adds one aminmax over the tokens and a host sync)
-          reference       kernels.reference.embed_frames (C gathers and adds in PyTorch)
-  fwdbwd  triton          forward + autograd.grad of the tables, check=True (training's setting),
-                          fast backward (embed_interleave's, once per channel)
-          triton_det      the same with deterministic=True
-          reference       forward + backward of kernels.reference.embed_frames
-
-Bytes (the floor at 3.0 TB/s; the C x V x D tables are cache resident and not counted), F = B*L:
-  fwd:    F * (8 C + D * bytes_out)                     tokens read + one row written per frame
-  fwdbwd: fwd + F * (8 C + D * bytes_grad)              tokens + grad_out read once
-(the per-channel backward reads grad_out C times: that is above the floor by design).
+Bench shape (the registry's): B=16, L=32000, C=2, D=64, V=256, the same audio as
+embed_interleave's anchor at one position per frame; --bench-size small: B=2, L=4096. Tokens: the
+trainer's view batch[:, :L]; weight (C, V, D). Forward providers: triton (check=False), triton_checked
+(check=True), reference; fwd+bwd: triton (check=True, the fast backward), triton_det
+(deterministic), reference. Bytes at the floor, F = B L: F (8 C + D bytes_out) forward, plus
+F (8 C + D bytes_grad) backward (the per-channel backward reads grad_out C times, above it).
 """
 from __future__ import annotations
 
@@ -52,6 +38,13 @@ def _inputs(shape: dict, dtype: torch.dtype):
     return batch[:, :L], weight
 
 
+def _case(bench_size: str, shape_name: str, dtype: str):
+    """(kernels, shape, tokens, weight) of one benchmark."""
+    import kernels
+    shape = _shape(bench_size, shape_name)
+    return (kernels, shape, *_inputs(shape, DTYPES[dtype]))
+
+
 def _fwd_bytes(shape: dict, out_bytes: int) -> int:
     return shape["B"] * shape["L"] * (8 * shape["C"] + shape["D"] * out_bytes)
 
@@ -60,10 +53,7 @@ def _fwd_bytes(shape: dict, out_bytes: int) -> int:
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 @pytest.mark.parametrize("provider", ["triton", "triton_checked", "reference"])
 def test_bench_embed_frames_fwd(benchmark, bench_size, provider, shape_name, dtype):
-    import kernels
-
-    shape = _shape(bench_size, shape_name)
-    tokens, weight = _inputs(shape, DTYPES[dtype])
+    kernels, shape, tokens, weight = _case(bench_size, shape_name, dtype)
     if provider == "triton":
         fn = lambda: kernels.embed_frames(tokens, weight, SCALE, check=False)  # noqa: E731
     elif provider == "triton_checked":
@@ -79,10 +69,7 @@ def test_bench_embed_frames_fwd(benchmark, bench_size, provider, shape_name, dty
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 @pytest.mark.parametrize("provider", ["triton", "triton_det", "reference"])
 def test_bench_embed_frames_fwdbwd(benchmark, bench_size, provider, shape_name, dtype):
-    import kernels
-
-    shape = _shape(bench_size, shape_name)
-    tokens, weight = _inputs(shape, DTYPES[dtype])
+    kernels, shape, tokens, weight = _case(bench_size, shape_name, dtype)
     B, L, D = shape["B"], shape["L"], shape["D"]
     grad_out = torch.randn(B, L, D, device="cuda").to(weight.dtype)
     w = weight.detach().requires_grad_()

@@ -1,24 +1,14 @@
 """Benchmarks of kernels.embed_interleave (the fused embedding + stereo interleave).
 
-Anchor shape: B=16, L=64000, C=2 (8 s of 16 kHz stereo per row, 2,048,000 interleaved rows),
-D=64, V=256 (8-bit tokens); --bench-size small: B=2, L=8192. The tokens are the trainer's
-non-contiguous view batch[:, :L] of a (B, L+1, C) int64 batch. dtype names the table and the
-output alike (fp32: fp32 -> fp32; bf16: bf16 -> bf16).
-
-Providers:
-  forward  triton          check=False (the kernel alone: what the floor is about)
-           triton_checked  the default check=True (adds one aminmax over the tokens and a host sync)
-           torch           F.embedding(tokens.reshape(B, L*C), weight) * scale (what users write)
-           reference       kernels.reference.embed_interleave
-  backward triton          fast mode (one-hot tensor-core accumulation, fp32 atomics of partials)
-           triton_det      deterministic=True (fixed-order partial sums)
-           torch           nn.Embedding's backward: autograd of F.embedding on the interleaved view
-           reference       autograd of kernels.reference.embed_interleave (index backward)
-
-Bytes (the floor at 3.0 TB/s; the V x D table is cache resident and not counted):
-  forward:  R * (8 + D * bytes_out)   tokens read + output written, R = B*L*C
-  backward: R * (8 + D * bytes_grad)  tokens + grad_out read
-Targets (design.md): forward >= 80% of that floor, backward >= 5x faster than torch's.
+Anchor shape B=16, L=64000, C=2 (8 s of 16 kHz stereo per row, 2,048,000 rows), D=64, V=256;
+--bench-size small: B=2, L=8192. Tokens: the trainer's non-contiguous view batch[:, :L]; dtype
+names the table and the output alike. Forward providers: triton (check=False: the kernel alone),
+triton_checked (the default check=True: one aminmax and a host sync more), torch (F.embedding on
+the interleaved view, scaled), reference. Backward: triton (one-hot tensor-core accumulation,
+fp32 atomics), triton_det (deterministic), torch (nn.Embedding's backward), reference.
+Bytes at the floor (the table stays in cache): R (8 + D bytes_out) forward, R (8 + D bytes_grad)
+backward, R = B L C. Targets (bench/anchors.json): forward >= 80% of that floor, backward >= 5x
+faster than torch's.
 """
 from __future__ import annotations
 
@@ -51,6 +41,13 @@ def _shape(bench_size: str, name: str) -> dict:
     return SHAPES[name]
 
 
+def _case(bench_size: str, shape_name: str, dtype: str):
+    """(kernels, shape, tokens, weight) of one benchmark."""
+    import kernels
+    shape = _shape(bench_size, shape_name)
+    return (kernels, shape, *_inputs(shape, DTYPES[dtype]))
+
+
 def _shape_dict(shape: dict) -> dict:
     return dict(shape, D=D, V=V)
 
@@ -59,12 +56,8 @@ def _shape_dict(shape: dict) -> dict:
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 @pytest.mark.parametrize("provider", ["triton", "triton_checked", "torch", "reference"])
 def test_bench_embed_interleave_fwd(benchmark, bench_size, provider, shape_name, dtype):
-    import kernels
-
-    shape = _shape(bench_size, shape_name)
-    tokens, weight = _inputs(shape, DTYPES[dtype])
-    B, L, C = tokens.shape
-    R = B * L * C
+    kernels, shape, tokens, weight = _case(bench_size, shape_name, dtype)
+    (B, L, C), R = tokens.shape, tokens.numel()
 
     if provider == "triton":
         fn = lambda: kernels.embed_interleave(tokens, weight, SCALE, check=False)  # noqa: E731
@@ -85,13 +78,9 @@ def test_bench_embed_interleave_fwd(benchmark, bench_size, provider, shape_name,
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 @pytest.mark.parametrize("provider", ["triton", "triton_det", "torch", "reference"])
 def test_bench_embed_interleave_bwd(benchmark, bench_size, provider, shape_name, dtype):
-    import kernels
-
-    shape = _shape(bench_size, shape_name)
-    tokens, weight = _inputs(shape, DTYPES[dtype])
+    kernels, shape, tokens, weight = _case(bench_size, shape_name, dtype)
+    grad_out = torch.randn(tokens.shape[0], tokens[0].numel(), D, device="cuda").to(weight.dtype)
     B, L, C = tokens.shape
-    R = B * L * C
-    grad_out = torch.randn(B, L * C, D, device="cuda").to(weight.dtype)
     w = weight.detach().requires_grad_()
 
     if provider in ("triton", "triton_det"):
@@ -106,6 +95,6 @@ def test_bench_embed_interleave_bwd(benchmark, bench_size, provider, shape_name,
         out = kernels.reference.embed_interleave(tokens, w, SCALE)
         fn = lambda: torch.autograd.grad(out, w, grad_out, retain_graph=True)  # noqa: E731
 
-    nbytes = R * (8 + D * grad_out.element_size())
+    nbytes = tokens.numel() * (8 + D * grad_out.element_size())
     run(benchmark, fn, op=OP, direction="bwd", provider=provider, shape=_shape_dict(shape),
         dtype=dtype, nbytes=nbytes)

@@ -1,31 +1,22 @@
 """Benchmarks of the recurrent steps kernels.ssm_step and kernels.dplr_step (generation).
 
-Shapes: H = 256 channels (the widest tier of the paper model), N = 32 stored state entries
-(d_state 64 as conjugate pairs), rank r = 1, batch B in {1, 16, 256}; --bench-size small: B = 1.
-
-Providers:
-  triton, reference            one eager call per timed run (the host-side cost of a call is
-                                in the time: at B = 1 it is what dominates)
-  triton_graph, reference_graph 100 steps captured in one torch.cuda.CUDAGraph, one replay per
-                                timed run; extra_info["us_per_step"] = replay time / 100 is the
-                                number generation sees (anchors.md: ~1.18 us per graph kernel)
-
-nbytes per step (the floor): the state read and written (2 x B H N x 8 bytes), the per-channel
-constants read once (ssm: dA, dB, C; dplr: dA, dB, C, P, Q, W: 8 bytes each per (H, N) entry per
-rank, plus D), u read and y written (4 bytes per (B, H)).
+H = 256 channels (the paper model's widest tier), N = 32 stored state entries, rank 1, batch 1,
+16, 256 (--bench-size small: 1). Providers: triton and reference, one eager call per timed run
+(at B = 1 the host cost of a call dominates); triton_graph and reference_graph, 100 steps in one
+CUDA graph, us_per_step = replay / 100: what generation sees. Bytes at the floor: the state read
+and written, the per-channel constants once, u read and y written (kernels.ops OPS[op].work).
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from bench._common import capture_graph, run
+from bench._common import run_step
 from kernels.ops import OPS, lower, step_system
 
 H, N, R = 256, 32, 1
 BATCHES = [1, 16, 256]
 PROVIDERS = ["triton", "reference", "triton_graph", "reference_graph"]
-GRAPH_STEPS = 100
 
 
 def _step_inputs(op: str, B: int, device) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -47,41 +38,12 @@ def _bench_step(benchmark, bench_size, op: str, provider: str, B: int):
     if bench_size == "small" and B != 1:
         pytest.skip("--bench-size small: B = 1 only")
     import kernels
-
-    fn_op = getattr(kernels, op)
-    backend = provider.removesuffix("_graph")
+    fn_op, backend = getattr(kernels, op), provider.removesuffix("_graph")
     state, u, consts = _step_inputs(op, B, torch.device("cuda"))
     shape = dict(B=B, H=H, N=N) if op == "ssm_step" else dict(B=B, H=H, N=N, r=R)
-    nbytes = _nbytes(op, B)
-
     with torch.inference_mode():
-        def one_step():
-            return fn_op(state, u, **consts, backend=backend)
-
-        if not provider.endswith("_graph"):
-            p50 = run(benchmark, one_step, op=op, direction="fwd", provider=provider, shape=shape,
-                      dtype="complex64", nbytes=nbytes)
-            benchmark.extra_info["us_per_step"] = p50 * 1e3
-            _record_config(benchmark, op, backend)
-            return
-
-        graph = capture_graph(one_step, GRAPH_STEPS)
-        p50 = run(benchmark, graph.replay, op=op, direction="fwd", provider=provider, shape=shape,
-                  dtype="complex64", nbytes=GRAPH_STEPS * nbytes)
-        benchmark.extra_info["steps_per_replay"] = GRAPH_STEPS
-        benchmark.extra_info["us_per_step"] = p50 * 1e3 / GRAPH_STEPS
-        benchmark.group = benchmark.group + f"-graph{GRAPH_STEPS}"
-        _record_config(benchmark, op, backend)
-
-
-def _record_config(benchmark, op: str, backend: str) -> None:
-    """The autotuner's choice (BLOCK_H, ROWS, num_warps) for the Triton provider."""
-    if backend != "triton":
-        return
-    from kernels._step import _step_fwd_kernel  # ssm_step and dplr_step: one kernel, R = rank
-
-    best = getattr(_step_fwd_kernel, "best_config", None)
-    benchmark.extra_info["best_config"] = str(best)
+        run_step(benchmark, lambda: fn_op(state, u, **consts, backend=backend), provider, nbytes=_nbytes(op, B),
+                 kernel="_step_fwd_kernel", op=op, direction="fwd", shape=shape, dtype="complex64")
 
 
 _PARAMS = [pytest.param(p, B, id=f"{p}-B{B}-H{H}-N{N}") for B in BATCHES for p in PROVIDERS]

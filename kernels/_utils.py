@@ -7,8 +7,10 @@ Nothing here queries CUDA at import time, so the package imports on a machine wi
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -105,3 +107,42 @@ def device_guard(device: torch.device):
     """Launch on the tensors' GPU: Triton launches on the *current* CUDA device, which under
     torchrun or with tensors on cuda:1 is not necessarily theirs."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class GPU:
+    """What the host launchers plan a launch for: SM count, compute capability, ROCm or not."""
+    sms: int
+    capability: tuple[int, int]
+    hip: bool = False
+
+
+H100 = GPU(sms=132, capability=(9, 0))
+_assumed: list[GPU | None] = [None]
+
+
+@contextlib.contextmanager
+def assume_gpu(gpu: GPU = H100):
+    """Launchers plan for `gpu` instead of asking the driver: compiling ahead of time on meta
+    tensors, with no GPU present (scripts/aot_check.py, through kernels.ops.launch_configs)."""
+    previous, _assumed[0] = _assumed[0], gpu
+    try:
+        yield gpu
+    finally:
+        _assumed[0] = previous
+
+
+def gpu_for(device: torch.device) -> GPU | None:
+    """The GPU a launch on `device` plans for: the assumed one, the CUDA device's, or None
+    (the interpreter on CPU)."""
+    if _assumed[0] is not None:
+        return _assumed[0]
+    if device.type != "cuda":
+        return None
+    return _cuda_gpu(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_gpu(index: int) -> GPU:
+    p = torch.cuda.get_device_properties(index)
+    return GPU(p.multi_processor_count, (p.major, p.minor), torch.version.hip is not None)

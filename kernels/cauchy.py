@@ -54,7 +54,7 @@ import triton.language as tl
 
 from kernels import reference
 from kernels._jit import row_offset as _row_offset
-from kernels._utils import (check_pair_inputs, choose_backend, configs, device_guard, interpreting,
+from kernels._utils import (check_pair_inputs, choose_backend, configs, device_guard, gpu_for, interpreting,
                             require_complex, same_device)
 from kernels.ops import s4_like_inputs  # noqa: F401  (re-exported; the factory lives in the registry)
 from kernels.profiling import nvtx_range
@@ -443,7 +443,8 @@ def _cauchy_bwd_kernel(
 
 
 def _fast_rcp(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.version.hip is None
+    gpu = gpu_for(device)
+    return gpu is not None and not gpu.hip
 
 
 def _key(n: int, cap: int) -> int:

@@ -63,14 +63,13 @@ backward).
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels._utils import (choose_backend, configs, device_guard, interpreting, nvtx_range,
+from kernels._utils import (choose_backend, configs, device_guard, gpu_for, interpreting, nvtx_range,
                             same_device)
 
 OP = "embed_interleave"
@@ -411,16 +410,11 @@ def _block(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _fast_programs(device: torch.device, n_tiles: int, other_programs: int, per_sm: int) -> int:
     """Row partitions of the fast one-hot backward: about per_sm programs per SM in all."""
-    if device.type == "cuda":
-        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-        return max(1, min(n_tiles, triton.cdiv(per_sm * sms, other_programs)))
+    gpu = gpu_for(device)
+    if gpu is not None:
+        return max(1, min(n_tiles, triton.cdiv(per_sm * gpu.sms, other_programs)))
     return max(1, min(n_tiles, 4))   # the interpreter: few programs, each with several tiles
 
 

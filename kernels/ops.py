@@ -2,12 +2,9 @@
 
 `OPS` (name -> `OpSpec`) is the one list of ops. Everything that iterates over the ops reads it:
 `python -m kernels.selftest` (the `selftest` shapes, through `check`), `scripts/aot_check.py`
-and its static gate (`compile_cases`, `hot_loop`), the benchmark suites in bench/ (`bench`
-shapes, `work`, `anchors`, `targets`), `bench/report.py` (anchors and targets) and the tests
-(`tests/test_ops.py` checks that the registry covers every public op and every kernel).
-
-A new op is four files: `kernels/<op>.py` (kernel + public function), its reference in
-`kernels/reference.py`, one `OpSpec` here, and `tests/test_<op>.py` (CONTRIBUTING.md).
+and its static gate (`launch_configs`, `hot_loop`), the benchmark suites in bench/ (`bench`
+shapes, `work`) and the tests (`tests/test_ops.py` checks that the registry covers every public
+op and every kernel). What a new op takes: CONTRIBUTING.md.
 
 The input factories (S4-like Cauchy inputs, S4D Vandermonde inputs, stable step systems) live
 here too, so tests, self-test and benchmarks build their inputs the same way. They work in
@@ -180,8 +177,7 @@ class OpSpec:
     arguments; `state`: index of an argument updated in place, `drive`: index of the argument
     drawn afresh each of `shape["steps"]` calls (recurrent ops). Shapes: dicts; `selftest` runs
     on every machine, `bench` (name -> shape) on the GPU. `work(shape, direction)` -> (flops,
-    bytes) at the floor. anchors / targets: (direction, bench shape name) -> ms on the H100 (anchors:
-    the public S4 CUDA extension; naive_anchors: its naive PyTorch path; shared/anchors.md)."""
+    bytes) at the floor (the public figures at the bench shapes: bench/anchors.json)."""
     name: str
     fn: Callable
     reference: Callable
@@ -193,9 +189,6 @@ class OpSpec:
     drive: int | None = None
     bench: dict = field(default_factory=dict)
     work: Callable[[dict, str], tuple] | None = None
-    anchors: dict = field(default_factory=dict)
-    naive_anchors: dict = field(default_factory=dict)
-    targets: dict = field(default_factory=dict)
     compile_cases: Callable[[], Iterable] | None = None
     hot_loop: dict = field(default_factory=dict)
 
@@ -258,7 +251,7 @@ def _threads(kw) -> int:
     return 32 * kw.get("num_warps", 4)
 
 
-# Anchor shapes (shared/anchors.md, H100): B rows = 4 Woodbury sums x H channels, N = 32 pairs.
+# The public S4's benchmark shapes: B rows = 4 Woodbury sums x H channels, N = 32 pairs.
 # The last shape of each table is the --bench-size small one.
 _PAIR_SHAPES = {f"B{B}-L{L}": dict(B=B, N=32, L=L)
                 for B, L in [(1024, 16384), (256, 16384), (1024, 65536), (4096, 4096)]}
@@ -422,29 +415,16 @@ OPS: dict[str, OpSpec] = {s.name: s for s in [
         "cauchy", _lazy("cauchy"), reference.cauchy, _cauchy_inputs, tol=1e-4,
         selftest=dict(H=6, N=9, L=49), grads=(0, 2),
         bench=_CAUCHY_SHAPES, work=_pair_work(14, 28),
-        anchors={("fwd", "B1024-L16384"): 0.724, ("fwdbwd", "B1024-L16384"): 2.49,
-                 ("fwd", "B256-L16384"): 0.187, ("fwdbwd", "B256-L16384"): 0.586,
-                 ("fwd", "B1024-L65536"): 2.87, ("fwdbwd", "B1024-L65536"): 9.54,
-                 ("fwd", "B4096-L4096"): 0.727, ("fwdbwd", "B4096-L4096"): 2.54},
-        naive_anchors={("fwd", "B1024-L16384"): 17.0, ("fwdbwd", "B1024-L16384"): 71.6,
-                       ("fwd", "B256-L16384"): 4.28, ("fwdbwd", "B256-L16384"): 18.0,
-                       ("fwd", "B4096-L4096"): 16.9, ("fwdbwd", "B4096-L4096"): 71.6},
-        targets={("fwd", "B1024-L16384"): 0.25, ("fwdbwd", "B1024-L16384"): 1.0},
         compile_cases=_cases_cauchy,
         hot_loop={"_cauchy_fwd_kernel": HotLoop("term", lambda kw: kw["BLOCK_B"] * kw["BLOCK_L"]),
                   "_cauchy_bwd_kernel": HotLoop("term", lambda kw: kw["BLOCK_N"] * kw["BLOCK_L"])}),
     OpSpec(
         "vandermonde", _lazy("vandermonde"), reference.vandermonde, _vandermonde_inputs, tol=1e-4,
         selftest=dict(B=5, N=7, L=150), grads=(0, 1),
-        bench=_VANDERMONDE_SHAPES, work=_pair_work(7, 14),
-        anchors={("fwd", "B1024-L16384"): 0.487, ("fwdbwd", "B1024-L16384"): 1.39,
-                 ("fwd", "B256-L16384"): 0.128, ("fwdbwd", "B256-L16384"): 0.312,
-                 ("fwd", "B1024-L65536"): 1.93, ("fwdbwd", "B1024-L65536"): 5.53,
-                 ("fwd", "B4096-L4096"): 0.488, ("fwdbwd", "B4096-L4096"): 1.41},
-        naive_anchors={("fwd", "B1024-L16384"): 9.39, ("fwdbwd", "B1024-L16384"): 29.7,
-                       ("fwd", "B256-L16384"): 2.37, ("fwdbwd", "B256-L16384"): 7.47,
-                       ("fwd", "B4096-L4096"): 9.54, ("fwdbwd", "B4096-L4096"): 30.0},
-        targets={("fwd", "B1024-L16384"): 0.15, ("fwdbwd", "B1024-L16384"): 0.6},
+        # bytes: the fp32 (B, L) output written (and the incoming gradient read), v and x read
+        bench=_VANDERMONDE_SHAPES, work=lambda s, d: (
+            s["B"] * s["N"] * s["L"] * (7 if d == "fwd" else 21),
+            s["B"] * (s["L"] * 4 + s["N"] * 16 if d == "fwd" else 2 * s["L"] * 4 + s["N"] * 48)),
         compile_cases=_cases_vandermonde,
         hot_loop={k: HotLoop("term", lambda kw: kw["BLOCK_C"] * kw["BLOCK_J"] * kw["BLOCK_N"])
                   for k in ("_vandermonde_fwd_kernel", "_vandermonde_bwd_kernel")}),
@@ -503,6 +483,98 @@ def units_per_thread(kernel: str, kw: dict, whole: bool = False) -> tuple[str, f
         return "iteration", 1.0
     per = h.whole if whole and h.whole is not None else h.per_iteration
     return h.unit, per(kw) / _threads(kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# launch configurations: what the static gate compiles (scripts/aot_check.py)
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class LaunchConfig:
+    """One launch of an op's host launcher at one of its compile cases, with one autotune config.
+    `runner(*args, grid=..., warmup=..., **kwargs)` is Triton's own entry below the autotuner
+    (heuristics applied, then the @triton.jit function `jit`); `pruned`: the autotuner's early
+    pruner drops this config at this size; `grid`: evaluated for `gpu`, or an error text."""
+    op: str
+    case: str
+    kernel: str
+    config: str
+    pruned: bool
+    runner: object
+    jit: object
+    args: tuple
+    kwargs: dict
+    grid: tuple | str
+
+
+def _config_label(kw: dict, opts: dict) -> str:
+    o = f"w{opts.get('num_warps', 4)} s{opts.get('num_stages', 3)}"
+    o += f" r{opts['maxnreg']}" if opts.get("maxnreg") else ""
+    return f"{','.join(f'{k}={v}' for k, v in kw.items())} {o}".strip()
+
+
+def launch_configs(op: str, gpu=None) -> list[LaunchConfig]:
+    """Every (launch, autotune config) that the launchers of `op` make at its `compile_cases`,
+    planned for `gpu` (default: an H100) on meta tensors. Nothing runs: Triton's launch entry
+    points record each launch instead, and the configs come from the kernel's autotune list
+    (every one; TRITON_INTERPRET must be unset)."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    from kernels._utils import H100, assume_gpu
+    launches, case = [], [""]
+
+    def record(self, *args, grid=None, warmup=False, **kwargs):
+        launches.append((case[0], self, args, dict(kwargs), grid))
+
+    saved = Autotuner.run, JITFunction.run
+    Autotuner.run = JITFunction.run = record
+    out = []
+    try:
+        with assume_gpu(gpu or H100), torch.no_grad():
+            for case[0], call in OPS[op].compile_cases():
+                call()
+            Autotuner.run, JITFunction.run = saved
+            for name, kernel, args, kwargs, grid in launches:
+                out += _expand(op, name, kernel, args, kwargs, grid)
+    finally:
+        Autotuner.run, JITFunction.run = saved
+    return out
+
+
+def _expand(op, case, kernel, args, kwargs, grid) -> list[LaunchConfig]:
+    from triton.runtime.autotuner import Autotuner, Heuristics
+    tuner = kernel if isinstance(kernel, Autotuner) else None
+    runner = tuner.fn if tuner else kernel
+    jit = runner
+    while isinstance(jit, Heuristics):
+        jit = jit.fn
+    nargs = dict(zip(jit.arg_names, args))
+    if tuner is None:
+        items = [(None, False)]
+    else:
+        prune = tuner.early_config_prune
+        kept = prune(tuner.configs, nargs, **kwargs) if prune else tuner.configs
+        same = lambda a, b: a.all_kwargs() == b.all_kwargs()  # noqa: E731
+        items = [(c, not any(same(c, k) for k in kept)) for c in tuner.configs]
+        items += [(k, False) for k in kept if not any(same(k, c) for c in tuner.configs)]  # rewritten by a pruner
+    out = []
+    for cfg, pruned in items:
+        kw = dict(kwargs, **(cfg.all_kwargs() if cfg else {}))
+        meta = dict(kw)
+        h = runner
+        while isinstance(h, Heuristics):       # outermost first, as at run time
+            meta.update({name: fn({**nargs, **meta}) for name, fn in h.values.items()})
+            h = h.fn
+        opts = {k: v for k, v in kw.items() if k in ("num_warps", "num_stages", "num_ctas", "maxnreg")}
+        label = ("fixed " + _config_label({}, opts)) if cfg is None else _config_label(cfg.kwargs, opts)
+        try:
+            g = grid({**nargs, **meta}) if callable(grid) else grid
+            g = tuple(int(x) for x in g) + (1,) * (3 - len(g))
+        except Exception as exc:  # noqa: BLE001 - reported by the caller
+            g = f"grid: {type(exc).__name__}: {exc}"
+        out.append(LaunchConfig(op, case, jit.fn.__name__, label, pruned, runner, jit, args, kw, g))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

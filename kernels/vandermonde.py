@@ -54,7 +54,6 @@ overflow fp32, and L > 2^24 (positions must be exact in fp32: rejected with a Va
 """
 from __future__ import annotations
 
-import functools
 import math
 import operator
 
@@ -64,7 +63,7 @@ import triton.language as tl
 
 from kernels import reference
 from kernels._jit import row_offset as _row_offset
-from kernels._utils import (check_pair_inputs, choose_backend, configs, device_guard, interpreting,
+from kernels._utils import (check_pair_inputs, choose_backend, configs, device_guard, gpu_for, interpreting,
                             same_device)
 from kernels.ops import make_s4d_inputs  # noqa: F401  (re-exported; the factory lives in the registry)
 from kernels.profiling import nvtx_range
@@ -409,20 +408,15 @@ def _vandermonde_bwd_reduce_kernel(
 # ----------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _plan(B: int, L: int, device: torch.device) -> tuple[int, int]:
     """Split each row into P ranges of SPAN positions so that B * P programs fill the GPU.
 
     P is a power of two (so that SPAN stays a multiple of the chunk sizes when L is) and no
     more than L / `min_span`; SPAN is a multiple of `gran`. Returns (P, SPAN).
     """
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        target, gran, min_span = 4 * _sm_count(index), 1024, 4096
+    gpu = gpu_for(device)
+    if gpu is not None:
+        target, gran, min_span = 4 * gpu.sms, 1024, 4096
     else:  # interpreter: a few programs of a couple of (16 x 16) chunks each
         target, gran, min_span = 4, 256, 256
     P = min(triton.next_power_of_2(triton.cdiv(target, B)), max(1, L // min_span))
@@ -502,7 +496,8 @@ def _precision(device: torch.device) -> str:
     """tf32x3 (three tensor-core passes on split operands: fp32-level accuracy) where the GPU
     has tf32 tensor cores, plain fp32 FMA on older GPUs. The interpreter runs the tf32x3 code
     (its dots are fp32 matmuls, so it checks the splitting)."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+    gpu = gpu_for(device)
+    if gpu is not None and gpu.capability < (8, 0):
         return "ieee"
     return "tf32x3"
 

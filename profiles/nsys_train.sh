@@ -13,8 +13,8 @@
 # Environment:
 #   NSYS                   the nsys binary (default: nsys on the PATH)
 #   NSYS_QDSTRM_IMPORTER   QdstrmImporter binary: when set, and nsys left a .qdstrm without a
-#                          .nsys-rep (the H100 machine, see shared/tools/nsys-on-device.md), it
-#                          converts it
+#                          .nsys-rep (as on machines where nsys cannot finish the report
+#                          itself), it converts it
 #   PYTHON                 interpreter (default: .venv/bin/python, else python3)
 #   STEPS                  training steps (default 20)
 #   REPORT_DIR             where the .nsys-rep goes (default: a fresh temporary folder)

@@ -3,22 +3,12 @@
     python profiles/torch_profile.py train    [--preset paper] [--stereo] [--device cuda] ...
     python profiles/torch_profile.py generate [--preset paper] [--batch-size 1] [--device cuda] ...
 
-The workloads are the benchmarks' own (bench/test_train_step.py `make_train_step`: forward +
-backward + clip + fused AdamW as sashimi.train takes a step; bench/test_generation.py
-`make_generation_loop`: model step + sampling as sashimi.generate does), so the profile explains
-the benchmark's number. Model at random init.
-
-Writes, under --out (default runs/torch_profile/, git-ignored):
-  <name>_trace.json   Chrome trace (open in chrome://tracing or https://ui.perfetto.dev)
-  <name>_table.txt    key_averages() table, sorted by CUDA time (CPU time on CPU)
-and prints the table plus a summary: wall time per step and, on CUDA, GPU kernels launched and
-GPU busy time per step (anchors.md: the public SaShiMi's training step launches 4,375 kernels
-and keeps the GPU busy for ~78 of its 132-200 ms).
-
-One profiled "step" is one optimiser step (train) or --tokens-per-step interleaved tokens
-(generate). The first --warmup steps (compilation, autotuning) are run but not recorded.
-Default preset: paper on CUDA, tiny on CPU (the CPU run uses the reference kernels, as the
-trainer does). Needs the dev extras (pytest is imported by the bench modules).
+The workloads are the benchmarks' own (bench/_common.py), so the profile explains the benchmark's
+number; random init. Writes under --out (default runs/torch_profile/) <name>_trace.json (Chrome
+trace: chrome://tracing or ui.perfetto.dev) and <name>_table.txt (key_averages, by CUDA time, CPU
+time on CPU), and prints the table with wall time per step and, on CUDA, kernels launched and GPU
+busy time per step (the public SaShiMi's figures: bench/anchors.json). A step is one optimiser step or --tokens-per-step tokens; --warmup steps run
+unrecorded. Default preset: paper on CUDA, tiny on CPU (with the reference kernels).
 """
 from __future__ import annotations
 
@@ -81,15 +71,15 @@ def build_workload(args, device: torch.device):
     C = 2 if args.stereo else 1
     backend = args.kernel_backend or ("auto" if device.type == "cuda" else "reference")
     if args.mode == "train":
-        from bench.test_train_step import make_train_step
+        from bench._common import make_train_step
 
         B = args.batch_size or (8 if device.type == "cuda" else 2)
         L = args.seq_len or PRESETS[preset]["seq_len"]
-        step, _model, tokens = make_train_step(preset, B, L, C, args.precision, backend, device)
+        step, _model, tokens = make_train_step(preset, B, L, C, args.precision, device, kernel_backend=backend)
         name = f"train_{preset}_{'stereo' if C == 2 else 'mono'}_B{B}_L{L}_{args.precision}"
         return step, name, f"{tokens:,} tokens per step"
 
-    from bench.test_generation import make_generation_loop, make_model
+    from bench._common import make_generation_loop, make_model
 
     B = args.batch_size or 1
     tokens = args.tokens_per_step or 16 * C

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import sys
 from pathlib import Path
 
 from sashimi.cli import UserError, run_cli
-from sashimi.codec import compress
+from sashimi.codec import atomic_write, compress, writable_path
 
 
 def parse_args(argv=None):
@@ -19,7 +20,10 @@ def parse_args(argv=None):
     p.add_argument("input", help="an audio file at the model's rate and channel count, or a folder of them")
     p.add_argument("output", help="the .sash file (a folder when the input is one)")
     p.add_argument("--chunk-seconds", type=float, default=1.0,
-                   help="independent streams of this length (coded as one batch; damage loses one chunk)")
+                   help="independent contexts of this length, all coded as one batch (shorter: a wider, "
+                        "faster batch; longer: more context, smaller files)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default) or cuda: decompress must use the same kind of device")
     p.add_argument("--report", help="write the per-file figures to this .json or .csv")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -41,23 +45,33 @@ def run(args) -> int:
     for _, out in jobs:
         if out.exists() and not args.overwrite:
             raise UserError(f"{out} exists (pass --overwrite to replace it)")
-        if out.parent.exists() and not out.parent.is_dir():
-            raise UserError(f"{out.parent} is a file, not a folder")
+        writable_path(out)
+    if args.report:
+        writable_path(Path(args.report))
+    from sashimi.codec import load_model
+    loaded = load_model(args.checkpoint, args.device)   # once for every file
     reports = []
     for f, out in jobs:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        reports.append(compress(args.checkpoint, f, out, args.chunk_seconds, progress=not args.quiet))
+        reports.append(compress(args.checkpoint, f, out, args.chunk_seconds, progress=not args.quiet,
+                                loaded=loaded))
     if args.report:
-        path = Path(args.report)
-        if path.suffix.lower() == ".json":
-            path.write_text(json.dumps(reports, indent=2))
-        else:
-            with open(path, "w", newline="") as fh:
-                writer = csv.DictWriter(fh, [k for k in reports[0] if k != "nll_bits_per_sample_per_channel"],
-                                        extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(reports)
+        atomic_write(Path(args.report), _report_bytes(reports, Path(args.report).suffix.lower()))
+    if len(reports) > 1:
+        samples = sum(r["frames"] * r["channels"] for r in reports)
+        ours, flac = sum(8 * r["bytes"] for r in reports) / samples, sum(8 * r["flac_bytes"] for r in reports) / samples
+        print(f"{len(reports)} files: {ours:.3f} bits/sample, {reports[0]['flac']} {flac:.3f} ({ours / flac:.3f}x of it)")
     return 0
+
+
+def _report_bytes(reports: list[dict], suffix: str) -> bytes:
+    if suffix == ".json":
+        return json.dumps(reports, indent=2).encode()
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, [k for k in reports[0] if k != "nll_bits_per_sample_per_channel"],
+                            extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(reports)
+    return buf.getvalue().encode()
 
 
 def main(argv=None) -> int:

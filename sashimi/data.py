@@ -166,7 +166,7 @@ def _ogg_seek_limit(path: str) -> int:
 @functools.lru_cache(maxsize=4096)
 def _ogg_seek_limit_cached(path: str, size: int, mtime_ns: int) -> int:
     """The frame up to which seeking in this Ogg file is sample-exact. libsndfile's Vorbis seek
-    can land up to a block off inside the final Ogg page (libsndfile issue #885, still open;
+    can land up to a block off inside the final Ogg page (a known libsndfile bug, still open;
     measured here: a constant shift of a few hundred frames), so reads starting later seek to
     before the final page and decode forward. Found from the granule position (the frame count
     at the end of a page) of the second-to-last page, minus a safety margin of 8192 frames;

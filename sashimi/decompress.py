@@ -17,6 +17,7 @@ def parse_args(argv=None):
     p.add_argument("output", help="the restored 16-bit PCM WAV")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--device", default="cpu", help="the kind of device the file was compressed on (cpu or cuda)")
     return p.parse_args(argv)
 
 
@@ -24,7 +25,7 @@ def run(args) -> int:
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise UserError(f"{out} exists (pass --overwrite to replace it)")
-    decompress(args.checkpoint, args.input, out, progress=not args.quiet)
+    decompress(args.checkpoint, args.input, out, progress=not args.quiet, device=args.device)
     return 0
 
 

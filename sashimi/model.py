@@ -60,6 +60,11 @@ class ModelConfig:
     tie_weights: bool = False
     stereo_layout: str = "interleave"  # or "frames" (stereo only): one position per frame
     embed_init: str = "ordinal"    # "ordinal" (amplitude-aware, see ordinal_embedding) or "normal"
+    # the sample values enter as numbers (a linear projection beside the token table, which then
+    # starts at zero) and the DML means are small offsets from a fixed second-order prediction
+    # of the predicted channel (2 x_t - x_{t-1}, FLAC's "fixed order 2"): what makes a 16-bit
+    # linear model a predictor (a 65,536-row table alone is not). Mono and frames layouts.
+    value_input: bool = False
     kernel_backend: str = "auto"
 
     def __post_init__(self):
@@ -75,6 +80,10 @@ class ModelConfig:
             problems.append(f"bits must be 8 or 16, got {self.bits}")
         if self.embed_init not in ("ordinal", "normal"):
             problems.append(f"embed_init must be 'ordinal' or 'normal', got {self.embed_init!r}")
+        if self.value_input and self.tie_weights:
+            problems.append("value_input needs untied weights (its token table starts at zero)")
+        if self.value_input and self.channels == 2 and self.stereo_layout != "frames":
+            problems.append("value_input needs mono or the frames stereo layout (--stereo-layout frames)")
         if self.tie_weights and self.head != "categorical":
             problems.append("weight tying needs the categorical head")
         if self.stereo_layout not in ("interleave", "frames"):
@@ -143,7 +152,7 @@ class ModelConfig:
 PRESETS = {
     # trains on a laptop CPU in minutes. S4D (half the CPU step time of DPLR) with each tier's
     # memory bounded by its training window (dt_per_length), so that it generates far beyond
-    # its 64 ms window without drifting into noise (issue 12; QUALITY.md has the measurements)
+    # its 64 ms window without drifting into noise (QUALITY.md has the measurements)
     "tiny": dict(d_model=32, n_layers=2, pool=(4, 4), expand=2, ff=2, d_state=16, seq_len=1024,
                  ssm="diag", dt_per_length=8.0),
     # the SaShiMi paper's model
@@ -249,7 +258,7 @@ def tier_dt_range(cfg: ModelConfig, l_max: int) -> tuple[float, float]:
     window the tier is trained on (S4D-Lin, Re(A) = -1/2: to exp(-c/2); HiPPO-LegS, slowest
     eigenvalue -1: to exp(-c)), so nothing the model does beyond its training window is
     untrained: the continuous recurrence predicts as well at any position as inside a window
-    (issue 12, QUALITY.md). dt_max grows to at least 10 dt_min. c = 0: the global range
+    (QUALITY.md). dt_max grows to at least 10 dt_min. c = 0: the global range
     everywhere (the public SaShiMi's, which trains on 8 s windows)."""
     if cfg.dt_per_length <= 0:
         return cfg.dt_min, cfg.dt_max
@@ -398,6 +407,12 @@ class Backbone(nn.Module):
 # --------------------------------------------------------------------------------------------
 # heads
 # --------------------------------------------------------------------------------------------
+def grid_values(tokens: torch.Tensor, levels: int) -> torch.Tensor:
+    """Tokens k -> their place on the head's grid, 2k / (levels - 1) - 1 in [-1, 1] (float32):
+    the DML head's bin centres, and the sample value itself for linear quantisation."""
+    return tokens.float() * (2.0 / (levels - 1)) - 1.0
+
+
 class CategoricalHead(nn.Module):
     """Logits over the 2^bits tokens."""
 
@@ -412,6 +427,28 @@ class CategoricalHead(nn.Module):
     def log_prob(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Natural-log probability of each target token: out (..., V), target (...)."""
         return -F.cross_entropy(out.float().flatten(0, -2), target.flatten(), reduction="none").view(target.shape)
+
+    def cdf_at(self, out: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+        """P(token < e) for integer edges e in [0, levels] (B, E), float64 (the codec's
+        interval): the table of the current step only."""
+        return self.cdf(out)(edges)
+
+    def cdf(self, out: torch.Tensor):
+        """`cdf_at` for several edge sets of the same outputs: the table's sums made once."""
+        cdf = F.pad(torch.softmax(out.double(), -1).cumsum(-1), (1, 0)).clamp_(max=1.0)
+        cdf[..., -1] = 1.0     # exactly, as the DML head's last edge
+
+        def at(edges: torch.Tensor) -> torch.Tensor:
+            return cdf.gather(-1, edges.long().clamp(0, self.levels))
+        at.device = out.device
+        return at
+
+    @staticmethod
+    def anchored(out: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        return out  # a table has no location to move
+
+    def init_for_prediction(self) -> None:
+        pass
 
     @torch.no_grad()
     def sample(self, out: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
@@ -434,25 +471,51 @@ class CategoricalHead(nn.Module):
 
 
 class DMLHead(nn.Module):
-    """Discretised mixture of logistics over the token grid mapped to [-1, 1] (PixelCNN++)."""
+    """Discretised mixture of logistics over the token grid mapped to [-1, 1] (PixelCNN++).
+
+    Token k sits at x_k = 2k / (levels - 1) - 1; its bin is [x_k - half, x_k + half) with
+    half = 1 / (levels - 1), the end bins open to -inf / +inf. `params` is the one definition
+    of the mixture; `log_prob` (training, float32, numerically stable form) and `cdf_at` (the
+    codec, float64) are both computed from it."""
 
     def __init__(self, d: int, levels: int, n_mixtures: int = 10):
         super().__init__()
         self.linear = nn.Linear(d, 3 * n_mixtures)
         self.levels, self.m = levels, n_mixtures
+        # the narrowest logistic: a bin is ~5 scale units wide, so one bin can hold ~87% of a
+        # component at any bit depth (8-bit keeps the historical -7, 16-bit goes to -12.1)
+        self.min_log_scale = min(-7.0, math.log(1.0 / (levels - 1)) - 1.0)
 
     def forward(self, x):
         return self.linear(x)
 
-    def _split(self, out):
-        out = out.float()
-        logit_w, mean, log_s = out.split(self.m, dim=-1)
-        return logit_w, mean, log_s.clamp(min=-7.0)
+    def params(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Head output (..., 3m) -> (log weights, means, log scales), each (..., m), float32."""
+        logit_w, mean, log_s = out.float().split(self.m, dim=-1)
+        return torch.log_softmax(logit_w, -1), mean, log_s.clamp(min=self.min_log_scale)
+
+    # value_input: the network's mean outputs are corrections in units of 2^-7 of full scale
+    # (128 16-bit steps): an optimiser step then moves a mean by about lr x 2^-7, fine enough for
+    # 16-bit prediction (unscaled, Adam's steps alone jitter the means by thousands of steps)
+    DELTA_SCALE = 2.0 ** -7
+    INIT_LOG_SCALE = math.log(2.0 ** -8)     # a typical CD-music residual, ~128 16-bit steps
+
+    def init_for_prediction(self) -> None:
+        """value_input models start at the anchor with a residual-sized scale."""
+        with torch.no_grad():
+            self.linear.bias[2 * self.m:] = self.INIT_LOG_SCALE
+
+    @classmethod
+    def anchored(cls, out: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        """The head output with the mixture means made anchor + DELTA_SCALE x the network's
+        corrections (ModelConfig.value_input): anchor (...,) on the grid of [-1, 1]."""
+        w, mean, log_s = out.float().split(out.shape[-1] // 3, dim=-1)
+        return torch.cat([w, anchor.float().unsqueeze(-1) + cls.DELTA_SCALE * mean, log_s], -1)
 
     def log_prob(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logit_w, mean, log_s = self._split(out)
+        log_w, mean, log_s = self.params(out)
         half = 1.0 / (self.levels - 1)                      # half a bin in [-1, 1]
-        x = (2.0 * target.float() / (self.levels - 1) - 1.0).unsqueeze(-1)
+        x = grid_values(target, self.levels).unsqueeze(-1)
         centred = x - mean
         inv_s = torch.exp(-log_s)
         plus, minus = inv_s * (centred + half), inv_s * (centred - half)
@@ -465,13 +528,32 @@ class DMLHead(nn.Module):
                               log_pdf_mid + math.log(2 * half))
         edge_lo, edge_hi = (target == 0).unsqueeze(-1), (target == self.levels - 1).unsqueeze(-1)
         log_p = torch.where(edge_lo, log_cdf_plus, torch.where(edge_hi, log_one_minus_cdf_min, log_bin))
-        return torch.logsumexp(log_p + torch.log_softmax(logit_w, -1), dim=-1)
+        return torch.logsumexp(log_p + log_w, dim=-1)
+
+    def cdf_at(self, out: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+        """P(token < e) for integer edges e in [0, levels] (B, E), from head outputs (B, 3m):
+        float64 (B, E). Edge 0 is 0 and edge `levels` is 1 exactly (the open end bins)."""
+        return self.cdf(out)(edges)
+
+    def cdf(self, out: torch.Tensor):
+        """`cdf_at` for several edge sets of the same outputs: the mixture prepared once."""
+        log_w, mean, log_s = (t.double() for t in self.params(out))
+        w, inv_s = torch.exp(log_w)[:, :, None], torch.exp(-log_s)[:, None, :]
+        mean = mean[:, None, :]
+
+        def at(edges: torch.Tensor) -> torch.Tensor:
+            x = edges.double().mul(2.0 / (self.levels - 1)).sub_(1.0 + 1.0 / (self.levels - 1))
+            z = (x[:, :, None] - mean).mul_(inv_s).sigmoid_()
+            cdf = torch.bmm(z, w)[..., 0]           # the mixture: sum_j w_j sigmoid((x - mu_j) / s_j)
+            return cdf.masked_fill_(edges <= 0, 0.0).masked_fill_(edges >= self.levels, 1.0)
+        at.device = out.device
+        return at
 
     @torch.no_grad()
     def sample(self, out, temperature: float = 1.0, top_p: float = 1.0, generator=None):
-        logit_w, mean, log_s = self._split(out)
-        g = torch.rand(logit_w.shape, device=out.device, generator=generator).clamp_(1e-20, 1.0)
-        k = (logit_w / max(temperature, 1e-6) - torch.log(-torch.log(g))).argmax(-1, keepdim=True)
+        log_w, mean, log_s = self.params(out)
+        g = torch.rand(log_w.shape, device=out.device, generator=generator).clamp_(1e-20, 1.0)
+        k = (log_w / max(temperature, 1e-6) - torch.log(-torch.log(g))).argmax(-1, keepdim=True)
         mu, s = mean.gather(-1, k).squeeze(-1), torch.exp(log_s.gather(-1, k).squeeze(-1))
         u = torch.rand(mu.shape, device=out.device, generator=generator).clamp_(1e-5, 1 - 1e-5)
         x = (mu + s * temperature * (torch.log(u) - torch.log1p(-u))).clamp(-1.0, 1.0)
@@ -493,6 +575,10 @@ class SaShiMi(nn.Module):
         with torch.no_grad():
             for c in range(tables):  # distinct tables, so that L and R are told apart at init
                 self.embedding.weight[c * V:(c + 1) * V] = embedding_init(V, D, cfg.embed_init, c) / math.sqrt(tables)
+            if cfg.value_input:  # the values carry the amplitude; the table learns corrections
+                self.embedding.weight.zero_()
+        # the values of a position's tokens (1, or C for frames) -> D
+        self.value_in = nn.Linear(cfg.step_tokens, D) if cfg.value_input else None
         self.backbone = Backbone(cfg)
         if cfg.head == "categorical":
             self.head = CategoricalHead(D, V)
@@ -500,7 +586,9 @@ class SaShiMi(nn.Module):
                 self.head.linear.weight = self.embedding.weight
         else:
             self.head = DMLHead(D, V, cfg.n_mixtures)
-        self.right = RightGivenLeft(D, V, max(cfg.ff, 1), cfg.embed_init) if cfg.frames else None
+        if cfg.value_input:
+            self.head.init_for_prediction()
+        self.right = RightGivenLeft(D, V, max(cfg.ff, 1), cfg.embed_init, cfg.value_input) if cfg.frames else None
 
     def encode(self, tokens: torch.Tensor, check_tokens: bool = True) -> torch.Tensor:
         """tokens (B, L, C) -> the backbone's input: interleaved embeddings (B, L*C, D), one
@@ -512,9 +600,27 @@ class SaShiMi(nn.Module):
             # under torch.use_deterministic_algorithms (train --deterministic) the backward
             # sums in a fixed order instead of with atomics
             op = kernels.embed_frames if self.cfg.frames else kernels.embed_interleave
-            return op(tokens, self.tables(), check=check_tokens,
-                      deterministic=torch.are_deterministic_algorithms_enabled(),
-                      backend=self.cfg.kernel_backend)
+            x = op(tokens, self.tables(), check=check_tokens,
+                   deterministic=torch.are_deterministic_algorithms_enabled(),
+                   backend=self.cfg.kernel_backend)
+            if self.value_in is not None:
+                B, L, C = tokens.shape
+                per_position = tokens if self.cfg.frames else tokens.reshape(B, L * C, 1)
+                x = x + self.value_in(self.token_values(per_position))
+            return x
+
+    def token_values(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens -> their place on the head's grid, 2k / (levels - 1) - 1 in [-1, 1] (float32):
+        the sample value itself for linear quantisation."""
+        return grid_values(tokens, self.cfg.levels)
+
+    def anchors(self, tokens: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """value_input: the fixed prediction the head's means are offset from, per position and
+        channel slot: 2 v_p - v_{p-1} of the position's values v (B, T, step_tokens) from its
+        tokens; v_{-1} is `previous` (B, step_tokens), 0 when None (a sequence's start)."""
+        v = self.token_values(tokens)
+        before = torch.zeros_like(v[:, :1]) if previous is None else previous[:, None].to(v.dtype)
+        return 2.0 * v - torch.cat([before, v[:, :-1]], 1)
 
     def tables(self) -> torch.Tensor:
         """The embedding as its op takes it: (V, D), or (C, V, D) for frames."""
@@ -532,13 +638,18 @@ class SaShiMi(nn.Module):
         h = self.backbone(self.encode(tokens, check_tokens))
         with nvtx_range("sashimi/model/head"):
             if not self.cfg.frames:
-                return self.head(h)
+                out = self.head(h)
+                return self.head.anchored(out, self.anchors(tokens)[..., 0]) if self.cfg.value_input else out
             if next_left is None or next_left.shape != tokens.shape[:2]:
                 raise ValueError(f"the frames layout needs next_left {tuple(tokens.shape[:2])} (the left "
                                  f"channel of the next frames), got "
                                  f"{None if next_left is None else tuple(next_left.shape)}")
             right = self.right(h, next_left, check_tokens, self.cfg.kernel_backend)
-            return torch.stack([self.head(h), self.head(right)], 2)
+            out = [self.head(h), self.head(right)]
+            if self.cfg.value_input:
+                anchor = self.anchors(tokens)
+                out = [self.head.anchored(o, anchor[..., c]) for c, o in enumerate(out)]
+            return torch.stack(out, 2)
 
     def nll_bits(self, batch: torch.Tensor, check_tokens: bool = True) -> torch.Tensor:
         """batch: tokens (B, L + 1, C). Returns the NLL of every target, in bits, (B, L*C), in
@@ -580,28 +691,53 @@ class SaShiMi(nn.Module):
 
     def default_state(self, batch: int, device=None):
         device = self.embedding.weight.device if device is None else device
-        return self.backbone.default_state(batch, device)
+        state = self.backbone.default_state(batch, device)
+        if self.cfg.value_input:   # the last position's values, for the anchors (0 at the start)
+            state["values"] = torch.zeros(batch, self.cfg.step_tokens, device=device)
+        return state
 
     def embed_steps(self, tokens: torch.Tensor) -> torch.Tensor:
         """The backbone input of positions, for the recurrence and prefill: interleaved tokens
         (...,) -> (..., D), or frames (..., C) -> (..., D). No range check (graph-capturable)."""
         if not self.cfg.frames:
-            return F.embedding(tokens.long(), self.embedding.weight)
-        offsets = torch.arange(self.cfg.channels, device=tokens.device) * self.cfg.levels
-        return F.embedding(tokens.long() + offsets, self.embedding.weight).sum(-2)
+            x = F.embedding(tokens.long(), self.embedding.weight)
+        else:
+            offsets = torch.arange(self.cfg.channels, device=tokens.device) * self.cfg.levels
+            x = F.embedding(tokens.long() + offsets, self.embedding.weight).sum(-2)
+        if self.value_in is not None:
+            x = x + self.value_in(self.token_values(tokens if self.cfg.frames else tokens[..., None]))
+        return x
 
     def step(self, token: torch.Tensor, state, t: int) -> torch.Tensor:
         """Position t -> the step output that the next position's tokens are drawn from (see
         sample_next / log_prob_next). `state` (from default_state) is updated in place.
         interleave: token t (B,) -> head output for token t + 1 (B, V or 3*n_mixtures).
-        frames: frame t (B, C) -> the backbone output h_t (B, D) (R's head input depends on
-        the L sampled from it)."""
+        frames: frame t (B, C) -> the backbone output h_t (B, D), with value_input followed by
+        the frame's C values (R's head input depends on the L sampled from it)."""
         h = self.backbone.step(self.embed_steps(token), state, t)
-        return h if self.cfg.frames else self.head(h)
+        if not self.cfg.value_input:
+            return self.step_output(h)
+        per_position = token.view(token.shape[0], 1, -1)
+        anchor = self.anchors(per_position, state["values"])[:, 0]
+        state["values"].copy_(self.token_values(per_position)[:, 0])
+        return self.step_output(h, anchor)
 
-    def step_output(self, h: torch.Tensor) -> torch.Tensor:
-        """What `step` returns for backbone outputs h (..., D) (prefill's `out`)."""
-        return h if self.cfg.frames else self.head(h)
+    def step_output(self, h: torch.Tensor, anchor: torch.Tensor | None = None) -> torch.Tensor:
+        """What `step` returns for backbone outputs h (..., D), with value_input the positions'
+        anchors (..., step_tokens) (see `anchors`; prefill's `out`)."""
+        if not self.cfg.frames:
+            out = self.head(h)
+            return self.head.anchored(out, anchor[..., 0]) if self.cfg.value_input else out
+        return torch.cat([h, anchor], -1) if self.cfg.value_input else h
+
+    def _frame_head(self, out: torch.Tensor, channel: int, left: torch.Tensor | None = None) -> torch.Tensor:
+        """frames: the head output of channel 0 (L_{t+1}) or 1 (R_{t+1} given L_{t+1} = left)
+        from a step output."""
+        h = out[..., :self.cfg.d_model]
+        x = h if channel == 0 else self.right(h, left)
+        if not self.cfg.value_input:
+            return self.head(x)
+        return self.head.anchored(self.head(x), out[..., self.cfg.d_model + channel])
 
     @torch.no_grad()
     def sample_next(self, out: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
@@ -613,8 +749,8 @@ class SaShiMi(nn.Module):
         if not self.cfg.frames:
             token, logp = sample(out, temperature, top_p, generator=generator)
             return token[:, None], logp
-        left, lp_left = sample(self.head(out), temperature, top_p, generator=generator)
-        right, lp_right = sample(self.head(self.right(out, left)), temperature, top_p, generator=generator)
+        left, lp_left = sample(self._frame_head(out, 0), temperature, top_p, generator=generator)
+        right, lp_right = sample(self._frame_head(out, 1, left), temperature, top_p, generator=generator)
         return torch.stack([left, right], 1), lp_left + lp_right
 
     def log_prob_next(self, out: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -622,16 +758,15 @@ class SaShiMi(nn.Module):
         outputs `out` (..., out dim): (..., step_tokens)."""
         if not self.cfg.frames:
             return self.head.log_prob(out, tokens[..., 0])[..., None]
-        right = self.right(out, tokens[..., 0])
-        return torch.stack([self.head.log_prob(self.head(out), tokens[..., 0]),
-                            self.head.log_prob(self.head(right), tokens[..., 1])], -1)
+        return torch.stack([self.head.log_prob(self._frame_head(out, 0), tokens[..., 0]),
+                            self.head.log_prob(self._frame_head(out, 1, tokens[..., 0]), tokens[..., 1])], -1)
 
     def head_outputs(self, out: torch.Tensor, left: torch.Tensor | None = None) -> torch.Tensor:
         """The head output of the next token: interleave: `out` itself; frames: that of L_{t+1}
         (left=None), or of R_{t+1} given L_{t+1} = left. (The codec codes token by token.)"""
         if not self.cfg.frames:
             return out
-        return self.head(out if left is None else self.right(out, left))
+        return self._frame_head(out, 0) if left is None else self._frame_head(out, 1, left)
 
 
 class RightGivenLeft(nn.Module):
@@ -641,11 +776,14 @@ class RightGivenLeft(nn.Module):
     feed-forward block, so R's distribution can depend on L jointly with the context (a linear
     head on h + E[L] could only add a per-L bias to R's logits)."""
 
-    def __init__(self, d: int, levels: int, expand: int, embed_init: str = "ordinal"):
+    def __init__(self, d: int, levels: int, expand: int, embed_init: str = "ordinal", value_input: bool = False):
         super().__init__()
         self.embedding = nn.Embedding(levels, d)
         with torch.no_grad():
             self.embedding.weight.copy_(embedding_init(levels, d, embed_init, seed=7))
+            if value_input:   # as the model's own table: L's value says what its row would
+                self.embedding.weight.zero_()
+        self.value_in = nn.Linear(1, d) if value_input else None
         self.block = Residual(d, FeedForward(d, expand))
 
     def forward(self, h: torch.Tensor, left: torch.Tensor, check_tokens: bool = False,
@@ -657,6 +795,8 @@ class RightGivenLeft(nn.Module):
                                          backend=backend)
         else:
             e = F.embedding(left.long(), self.embedding.weight)
+        if self.value_in is not None:
+            e = e + self.value_in(grid_values(left, self.embedding.num_embeddings).unsqueeze(-1))
         return self.block(h + e)
 
 

@@ -22,8 +22,8 @@ How (every tier of the backbone runs over its whole sequence at once):
       M   = A_bar^b                                                    (real-linear map)
   all obtained by running the layer's own step factors (`setup_step()`; the
   `kernels.reference` step math, upcast to complex128) on a unit impulse and on the 2N real
-  basis states: no matrix power, no eigendecomposition (the DPLR matrix is not diagonalised:
-  design.md). For a block s starting in state x_s:
+  basis states: no matrix power, no eigendecomposition (the DPLR matrix is never
+  diagonalised). For a block s starting in state x_s:
       y[s b + k] = sum_{j <= k} K_{k-j} u[s b + j] + O_k . x_s        (two batched matmuls)
       x_{s+1}    = M x_s + sum_j V_{b-1-j} u[s b + j]                 (one small matmul per block)
   The state is kept in real form [Re x, Im x] (the step is real-linear in the half state that
@@ -272,5 +272,11 @@ def prefill(model: SaShiMi, tokens: torch.Tensor, *, block: int = 128, dtype: to
         raise RuntimeError("call model.setup_step() before prefill()")
     state = model.default_state(B)
     h = _backbone(model.backbone, model.embed_steps(tokens), state, block, dtype)
-    out = model.step_output(h if return_all else h[:, -1])
+    anchor = None
+    if model.cfg.value_input:
+        per_position = tokens.view(B, T, -1)
+        anchor = model.anchors(per_position)
+        state["values"] = model.token_values(per_position[:, -1])
+    out = model.step_output(h, anchor) if return_all else model.step_output(
+        h[:, -1], None if anchor is None else anchor[:, -1])
     return state, out

@@ -88,6 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--head", choices=("categorical", "dml"), default=None, help="default categorical")
     p.add_argument("--n-mixtures", type=int, default=None, help="DML mixtures (default 10)")
     p.add_argument("--tie-weights", action="store_true", default=None, help="tie the categorical head to the embedding")
+    p.add_argument("--value-input", action=argparse.BooleanOptionalAction, default=None,
+                   help="the sample values enter as numbers and the DML means are corrections to a fixed "
+                        "2nd-order prediction (default: on for --quantization linear, mono or frames)")
     p.add_argument("--sample-rate", type=int, default=None, help="model sample rate in Hz (default 16000)")
     p.add_argument("--seq-len", type=int, default=None, help="frames per training example (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=None, help="examples per step per process (default 8)")
@@ -138,8 +141,11 @@ def model_config_from_args(args) -> ModelConfig:
     given = dict(ssm=args.ssm, bits=args.bits, quantization=args.quantization, head=args.head,
                  n_mixtures=args.n_mixtures, tie_weights=args.tie_weights, sample_rate=args.sample_rate,
                  seq_len=args.seq_len, channels=2 if args.stereo else None,
-                 stereo_layout=args.stereo_layout)
+                 stereo_layout=args.stereo_layout, value_input=args.value_input)
     preset.update({k: v for k, v in given.items() if v is not None})
+    if args.value_input is None:
+        preset["value_input"] = (preset.get("quantization") == "linear" and not preset.get("tie_weights")
+                                 and (preset.get("channels", 1) == 1 or preset.get("stereo_layout") == "frames"))
     try:
         return ModelConfig(**preset)
     except ValueError as exc:
@@ -162,7 +168,8 @@ def check_resume_flags(args, saved: ModelConfig) -> None:
     explicit = {"ssm": args.ssm, "bits": args.bits, "quantization": args.quantization, "head": args.head,
                 "n_mixtures": args.n_mixtures, "tie_weights": args.tie_weights,
                 "sample_rate": args.sample_rate, "seq_len": args.seq_len,
-                "channels": 2 if args.stereo else None, "stereo_layout": args.stereo_layout}
+                "channels": 2 if args.stereo else None, "stereo_layout": args.stereo_layout,
+                "value_input": args.value_input}
     if args.preset is not None:   # the preset's values as a config holds them (tuples, floats)
         wanted = model_config_from_args(argparse.Namespace(**{**vars(args), "stereo": saved.channels == 2}))
         explicit.update({k: getattr(wanted, k) for k in PRESETS[args.preset]})
@@ -328,7 +335,7 @@ def cpu_plan(device: torch.device, synthetic: bool, workers: int | None, threads
              world: int = 1, cores: int | None = None, load: float | None = None) -> tuple[int | None, int]:
     """(torch threads or None = leave as is, data workers) so that training does not
     oversubscribe the cores: on a busy CPU, more runnable threads than cores made every step
-    4-7x slower (issue 12). On CPU the cores this process may use (its affinity), shared by the
+    4-7x slower. On CPU the cores this process may use (its affinity), shared by the
     `world` ranks on this machine, go to torch threads and data workers together: synthetic
     data needs no workers (its tokens are precomputed); files get one worker per 4 cores, at least
     one, at most two (each worker runs one thread). Threads also leave room for what already

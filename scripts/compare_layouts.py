@@ -1,4 +1,4 @@
-"""Stereo `interleave` vs `frames`, same model size and the same compute budget (issue 14).
+"""Stereo `interleave` vs `frames`, same model size and the same compute budget.
 
     python scripts/compare_layouts.py OUT [--data TRAIN_DIR --val-data VAL_DIR] [--steps 2000]
 

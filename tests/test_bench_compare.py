@@ -248,15 +248,19 @@ def test_make_benchmarks_on_the_sample(tmp_path, capsys):
     cauchy = row("| cauchy | fwd |", "| triton |")
     assert cauchy is not None
     assert "0.412" in cauchy and "17.3" in cauchy and "42.0x" in cauchy     # median, reference, speed-up
-    assert "S4 ext 0.724 ms" in cauchy and "1.76x" in cauchy and "<= 0.25 ms" in cauchy
+    anchors = json.loads((ROOT / "bench" / "anchors.json").read_text())     # the one copy of the anchors
+    fig = anchors["kernels"]["cauchy"]["B1024-L16384"]["fwd"]
+    assert f"S4 ext {fig['anchor_ms']:g} ms" in cauchy and "1.76x" in cauchy and f"<= {fig['target_ms']:g} ms" in cauchy
     assert "GFLOP/s" in cauchy and "%" in cauchy
     assert row("| vandermonde | fwd |", "S4 ext 0.487 ms") is not None
     assert row("| cauchy |", "| reference |") is None                  # references are a column
     train = row("| paper | B=8 x L=16384 x C=1 |")
-    assert train is not None and "2.50 M" in train and "5.41" in train and "8.36 GiB" in train
+    assert train is not None and "2.50 M" in train and "5.41" in train
+    assert f"{anchors['train']['anchor_peak_gib']:g} GiB" in train
     assert ">= 3.00 M tokens/s, <= 6 GiB" in train
     gen = row("| paper | mono | 1 | eager |")
-    assert gen is not None and "557" in gen and "248" in gen and ">= 32,000 steps/s" in gen
+    gen_anchor, gen_target = (anchors["generation"][k]["1"] for k in ("anchor_samples_per_s", "target_steps_per_s"))
+    assert gen is not None and "557" in gen and f"{gen_anchor:,.0f}" in gen and f">= {gen_target:,.0f} steps/s" in gen
     assert "## Floors (before tuning)" in text and "~0.2-0.27 ms" in text   # the static part
     if not mb.have_matplotlib():
         assert "matplotlib is not installed" in capsys.readouterr().out

@@ -82,7 +82,7 @@ def test_damage_is_detected_and_the_previous_checkpoint_is_used(run_dir, tmp_pat
     assert checkpoint.previous_path(ckpt).exists()
     data = bytearray(ckpt.read_bytes())
     mid = len(data) // 2
-    for i in range(mid, mid + 2000):  # the case: 2,000 bytes in the middle
+    for i in range(mid, mid + 2000):  # 2,000 damaged bytes in the middle
         data[i] ^= 0x5A
     ckpt.write_bytes(bytes(data))
     with pytest.raises(checkpoint.CheckpointError, match="damaged|cannot read"):

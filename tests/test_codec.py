@@ -117,8 +117,8 @@ def test_damage_and_mismatches_are_one_line(tmp_path, models, capsys):
     sash = tmp_path / "x.sash"
     good = sash.read_bytes()
     header, _ = read_container(sash)
-    body = len(good) - sum(c["bytes"] for c in header["chunks"])
-    cases = {"header": 20, "chunk": body + header["chunks"][0]["bytes"] + 3}
+    body = len(good) - sum(c["bytes"] for c in header["streams"])
+    cases = {"header": 20, "chunk": body + 3}
     for what, offset in cases.items():
         bad = bytearray(good)
         bad[offset] ^= 0xFF
@@ -126,7 +126,7 @@ def test_damage_and_mismatches_are_one_line(tmp_path, models, capsys):
         rc = decompress_main(["--checkpoint", str(models["stereo-mulaw8"]), str(tmp_path / "bad.sash"),
                               str(tmp_path / f"{what}.wav"), "--quiet"])
         err = _one_line(capsys, rc)
-        assert ("header" in err) if what == "header" else ("chunk 2 of 3 is damaged" in err)
+        assert ("header" in err) if what == "header" else ("stream 1 of 1 is damaged" in err)
         assert not (tmp_path / f"{what}.wav").exists()
     # another model
     rc = decompress_main(["--checkpoint", str(models["mono-linear16"]), str(sash), str(tmp_path / "w.wav"), "--quiet"])

@@ -1,6 +1,7 @@
-"""`python -m sashimi.convert --from s4`: public SaShiMi checkpoints (made with state-spaces/s4, in
-../shared/fixtures/public-sashimi/) reproduce the public model's own float64 logits, through the
-convolution and through the recurrence; what cannot be mapped is one line."""
+"""`python -m sashimi.convert --from s4`: public SaShiMi checkpoints (made with state-spaces/s4;
+the tests run where their fixture folder, FIXTURES below, is present) reproduce the public
+model's own float64 logits, through the convolution and through the recurrence; what cannot be
+mapped is one line."""
 from __future__ import annotations
 
 import dataclasses

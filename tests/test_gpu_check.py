@@ -216,14 +216,14 @@ def test_wheel_check_finds_gaps(tmp_path, monkeypatch):
 
 
 def test_train_step_is_the_benchmarks():
-    """gpu_check's step (which adds torch.compile) is bench/test_train_step.py's: same loss,
-    same weights after a step."""
+    """gpu_check's step (a config, optionally compiled) is bench/test_train_step.py's (a preset
+    and a kernel backend): same loss, same weights after a step."""
     import torch
+    from bench import test_train_step
     from bench.gpu_check.stages import make_train_step
-    from bench.test_train_step import make_train_step as bench_step
     from sashimi.model import PRESETS
     mine, m1, n1 = make_train_step(dict(PRESETS["tiny"], kernel_backend="reference"), 2, 64, 2, "fp32", "cpu")
-    theirs, m2, n2 = bench_step("tiny", 2, 64, 2, "fp32", "reference", "cpu")
+    theirs, m2, n2 = test_train_step.make_train_step("tiny", 2, 64, 2, "fp32", "cpu", kernel_backend="reference")
     assert n1 == n2
     for _ in range(2):
         assert torch.equal(mine(), theirs())

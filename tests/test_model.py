@@ -236,7 +236,7 @@ def test_fused_tier_kernel_reproduces_convolution(triton_device):
 
 
 # --------------------------------------------------------------------------------------------
-# the frames stereo layout (issue 14): one position per frame, R predicted given L
+# the frames stereo layout: one position per frame, R predicted given L
 # --------------------------------------------------------------------------------------------
 FRAMES_COMBOS = [(ssm, head) for ssm in ("dplr", "diag") for head in ("categorical", "dml")]
 
@@ -382,3 +382,71 @@ def test_frames_triton_path_equals_reference(triton_device):
     for name, x, y in zip(params, ga, gb):
         assert x.abs().sum() > 0, name
         assert torch.allclose(x, y, rtol=1e-4, atol=1e-6), name
+
+
+# ------------------------------------------------------------------ 16-bit DML and value input
+def test_dml_head_can_put_one_16_bit_bin_above_80_percent():
+    """The log-scale floor is scaled to the grid: one component centred on a 16-bit token, at
+    the narrowest scale, gives that token > 80% (the old floor of -7 could not go under 6.9 bits)."""
+    head = DMLHead(4, 65536, n_mixtures=1)
+    token = torch.tensor([40000])
+    centre = 2 * 40000 / 65535 - 1
+    out = torch.tensor([[0.0, centre, -100.0]])
+    bits = -head.log_prob(out, token) / torch.log(torch.tensor(2.0))
+    assert bits.item() < 0.33, bits
+    assert head.min_log_scale < -12 and DMLHead(4, 256).min_log_scale == -7.0   # 8-bit unchanged
+
+
+@pytest.mark.parametrize("levels,head", [(256, "dml"), (256, "categorical"), (65536, "dml")])
+def test_cdf_at_is_the_log_prob_distribution(levels, head):
+    """The codec's interval (cdf_at) and the loss (log_prob) are one distribution."""
+    torch.manual_seed(4)
+    h = DMLHead(8, levels, 3) if head == "dml" else __import__("sashimi.model", fromlist=["x"]).CategoricalHead(8, levels)
+    out = h(torch.randn(5, 8))
+    if head == "dml":
+        out = out.clone()
+        out[:, 3:6] = torch.rand(5, 3) * 0.2 - 0.1                   # means near the middle
+        out[:, 6:] = out[:, 6:].clamp(max=-4.0)
+    tokens = torch.randint(levels // 2 - 40, levels // 2 + 40, (5,))
+    lo = h.cdf_at(out, tokens[:, None])[:, 0]
+    hi = h.cdf_at(out, tokens[:, None] + 1)[:, 0]
+    p = torch.exp(h.log_prob(out, tokens).double())
+    assert torch.allclose(hi - lo, p, rtol=1e-4, atol=1e-7), (hi - lo, p)
+    ends = h.cdf_at(out, torch.tensor([[0, levels]] * 5))
+    assert (ends[:, 0] == 0).all() and (ends[:, 1] == 1).all()
+
+
+def test_value_input_needs_mono_or_frames():
+    with pytest.raises(ValueError, match="value_input needs mono or the frames"):
+        tiny(channels=2, head="dml", bits=16, quantization="linear", value_input=True)
+
+
+@pytest.mark.parametrize("C,layout", [(1, "interleave"), (2, "frames")])
+def test_value_input_recurrence_and_prefill(C, layout):
+    """A 16-bit linear model with the sample values as input and anchored means: the recurrence
+    reproduces the convolution's NLL and prefill reproduces the recurrence."""
+    from sashimi.prefill import prefill
+    torch.manual_seed(5)
+    cfg = tiny(channels=C, stereo_layout=layout, head="dml", bits=16, quantization="linear", value_input=True,
+               seq_len=32)
+    m = SaShiMi(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = torch.randint(20000, 45000, (2, 33, C))
+    with torch.no_grad():
+        conv = m.nll_bits(batch)
+        m.setup_step()
+        state = m.default_state(2)
+        seq = batch[:, :32] if layout == "frames" else batch[:, :32].reshape(2, -1)
+        out = torch.stack([m.step(seq[:, t], state, t) for t in range(seq.shape[1])], 1)
+        if layout == "frames":
+            rec = -m.log_prob_next(out, batch[:, 1:]).reshape(2, -1)
+        else:
+            rec = -m.log_prob_next(out, batch.reshape(2, -1)[:, 1:seq.shape[1] + 1, None])[..., 0]
+        rec = rec / torch.log(torch.tensor(2.0))
+        assert (rec - conv).abs().max() < 0.01 and conv.mean() > 1
+        _, par = prefill(m, seq, return_all=True)
+    assert_rel_close(par, out, 1e-4, "prefill vs step")
+    fresh = SaShiMi(cfg)
+    assert fresh.value_in is not None and (fresh.embedding.weight == 0).all()

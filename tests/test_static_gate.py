@@ -54,9 +54,10 @@ def _record(tmp_path, monkeypatch, extra: int, block: int, maxnreg: int | None =
     kw = dict(EXTRA=extra, BLOCK=block, num_warps=1)
     if maxnreg:
         kw["maxnreg"] = maxnreg
-    job = aot.Job("planted", "planted", "planted_kernel", f"EXTRA={extra}", False, None, "", "",
-                  kern, kw, (meta, meta, 4))
-    res = aot.compile_job(job)
+    from kernels.ops import LaunchConfig
+    launch = LaunchConfig("planted", "planted", "planted_kernel", f"EXTRA={extra}", False, kern, kern,
+                          (meta, meta, 4), kw, (1, 1, 1))
+    res = aot.compile_variant(launch)
     assert res["status"] == "ok", res.get("trace") or res["error"]
     row = dict(status="ok", op="planted", kernel="planted_kernel", config=f"BLOCK={block}",
                scenarios=["planted"], regs=res["regs"], spill_st=res["spill_st"],
@@ -124,3 +125,19 @@ def test_baseline_covers_every_op():
     assert ops == set(OPS)
     assert all(r["per_unit"] for r in base["records"].values() if r["kernel"] in
                {k for spec in OPS.values() for k in spec.hot_loop})
+
+
+def test_launch_configs_come_from_the_registry():
+    """kernels.ops.launch_configs: every autotune config of every launch at the compile cases,
+    planned for an H100 through the public assume_gpu hook, which leaves nothing behind."""
+    from kernels._utils import gpu_for
+    from kernels.ops import launch_configs
+    configs = launch_configs("vandermonde")
+    assert {c.kernel for c in configs} >= {"_vandermonde_fwd_kernel", "_vandermonde_bwd_kernel"}
+    assert all(isinstance(c.grid, tuple) and len(c.grid) == 3 for c in configs)
+    # the launcher split the rows over the H100's 132 SMs (4 programs per SM), not the interpreter's 4
+    fwd = next(c for c in configs if c.kernel == "_vandermonde_fwd_kernel" and "B=64 N=32 L=16384" in c.case)
+    assert fwd.grid[1] > 1
+    assert gpu_for(torch.device("cpu")) is None
+    spec = _aot().specialise(configs[0])
+    assert json.loads(spec)["name"].endswith("_kernel")

@@ -1,4 +1,4 @@
-"""The trainer's CPU plan: torch threads + data workers never exceed the cores (issue 12)."""
+"""The trainer's CPU plan: torch threads + data workers never exceed the cores."""
 import torch
 
 from sashimi.train import cpu_plan

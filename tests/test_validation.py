@@ -1,4 +1,4 @@
-"""Validation you can trust (issue 12): a held-out folder (--val-data) is validated whole, and
+"""Validation you can trust: a held-out folder (--val-data) is validated whole, and
 the trainer reports the standard error of its validation mean."""
 import numpy as np
 import soundfile as sf

@@ -1,16 +1,10 @@
 """pytest plugin (`-p bench.gpu_check.plugin`): records outcomes into OUT/gpu_check.json as
-the tests run, so a run killed at its time box still reports what finished.
-
-Environment:
-  GPU_CHECK_OUT        the output folder (required; without it the plugin does nothing)
-  GPU_CHECK_SECTION    where to record: "tests", or "bench:<file>" (a benchmark file's run)
-  GPU_CHECK_EXPECT     ';'-separated node ids that must be collected (the headline's bench ids,
-                       which stage 4 deselects: a renamed benchmark is reported, not run twice)
-  GPU_CHECK_KEEP       N: run only the first N selected tests (the CPU rehearsal), after
-                       collecting and counting the whole selection
-  GPU_CHECK_KEEP_FROM  ... taken from the node ids that contain this string
-  GPU_CHECK_GPU_FIRST  1: run the @pytest.mark.gpu tests before the others (a time box that
-                       ends the run early cuts the kernel property tests, not those)
+the tests run, so a run killed at its time box still reports what finished. Environment:
+GPU_CHECK_OUT (the folder; without it the plugin does nothing), GPU_CHECK_SECTION ("tests" or
+"bench:<file>"), GPU_CHECK_EXPECT (';'-separated node ids that must be collected: the headline's,
+which the bench stage deselects), GPU_CHECK_KEEP / GPU_CHECK_KEEP_FROM (run only the first N
+selected tests, from node ids containing a string: the rehearsal), GPU_CHECK_GPU_FIRST=1 (the
+@pytest.mark.gpu tests first: a time box that ends the run early cuts the property tests).
 """
 from __future__ import annotations
 

@@ -18,9 +18,8 @@ SCHEMA = 1
 RESULT, SUMMARY, BENCH, LOG, PROFILE = "gpu_check.json", "summary.txt", "bench.json", "log.txt", "profile.txt"
 OUT_FILES = (RESULT, SUMMARY, BENCH, LOG, PROFILE)   # the device returns at most 8 files from $OUT
 
-# anchors.md: measured on an H100 (80GB HBM3), 2026-11-25; design.md's targets
-ANCHOR_NOTE = ("anchors: the public S4/SaShiMi measured on an H100 80GB HBM3 (shared/anchors.md, "
-               "2026-11-25), not on this device")
+ANCHORS = json.loads((Path(__file__).resolve().parents[1] / "anchors.json").read_text())
+ANCHOR_NOTE = "anchors: the public S4/SaShiMi measured on an H100 80GB HBM3 (bench/anchors.json), not on this device"
 
 
 def now_utc() -> str:
@@ -64,12 +63,8 @@ def update(out: Path, fn) -> dict:
 
 def put(out: Path, section: str, key: str | None, value) -> None:
     """data[section][key] = value (data[section] = value when key is None)."""
-    def fn(d):
-        if key is None:
-            d[section] = value
-        else:
-            d.setdefault(section, {})[key] = value
-    update(out, fn)
+    update(out, lambda d: d.__setitem__(section, value) if key is None else
+           d.setdefault(section, {}).__setitem__(key, value))
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,22 +72,15 @@ def put(out: Path, section: str, key: str | None, value) -> None:
 # --------------------------------------------------------------------------------------------
 def stats_from_ms(times_ms: list[float]) -> dict:
     """pytest-benchmark's stats block (seconds) from a list of per-call times in ms."""
+    import statistics
     xs = sorted(t * 1e-3 for t in times_ms)
-    n = len(xs)
-    if n == 0:
+    if not xs:
         return {}
-    mean = sum(xs) / n
-    var = sum((x - mean) ** 2 for x in xs) / (n - 1) if n > 1 else 0.0
-
-    def q(p):
-        pos = p * (n - 1)
-        lo, hi = int(math.floor(pos)), int(math.ceil(pos))
-        return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-    q1, q3 = q(0.25), q(0.75)
-    return dict(min=xs[0], max=xs[-1], mean=mean, stddev=math.sqrt(var), rounds=n, median=q(0.5),
-                iqr=q3 - q1, q1=q1, q3=q3, iqr_outliers=0, stddev_outliers=0, outliers="0;0",
-                ld15iqr=xs[0], hd15iqr=xs[-1], ops=1.0 / mean if mean > 0 else 0.0,
+    q1, median, q3 = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else xs * 3
+    mean = statistics.fmean(xs)
+    return dict(min=xs[0], max=xs[-1], mean=mean, stddev=statistics.stdev(xs) if len(xs) > 1 else 0.0,
+                rounds=len(xs), median=median, iqr=q3 - q1, q1=q1, q3=q3, iqr_outliers=0, stddev_outliers=0,
+                outliers="0;0", ld15iqr=xs[0], hd15iqr=xs[-1], ops=1.0 / mean if mean > 0 else 0.0,
                 total=sum(xs), iterations=1)
 
 
@@ -140,102 +128,64 @@ def _pytest_benchmark_version() -> str:
 # --------------------------------------------------------------------------------------------
 # summary.txt
 # --------------------------------------------------------------------------------------------
-def _f(x, fmt="{:.3g}", none="-"):
-    return none if x is None else fmt.format(x)
+def _f(x, fmt="{:.3g}"):
+    return "-" if x is None else fmt.format(x)
 
 
-def _big(x):
-    if x is None:
-        return "-"
-    return f"{x / 1e6:.2f} M" if x >= 1e6 else f"{x:,.0f}"
-
-
-def _not_ok(r: dict) -> str:
-    """The summary line of a figure that was not measured (skipped, failed, timed out)."""
-    return f"  {r.get('label', '?')}: {r.get('status')} {r.get('reason', '')}".rstrip()
-
-
-def _met(ok):
-    return "" if ok is None else (" [meets target]" if ok else " [MISSES target]")
+def _figures(title: str, figs: dict, line) -> list[str]:
+    """A section of figures: `line(r)` for the measured ones, the status and reason otherwise."""
+    return [title] + [f"  {r.get('label', '?')}: " + (line(r) + ("" if r.get("meets_target") is None else
+                      " [meets target]" if r["meets_target"] else " [MISSES target]") if r.get("status") == "ok"
+                      else f"{r.get('status')} {r.get('reason', '')}".rstrip()) for r in figs.values()] if figs else []
 
 
 def render_summary(d: dict) -> str:
-    dev = d.get("device") or {}
-    ver = d.get("versions") or {}
+    dev, ver, h, t, b = (d.get(k) or {} for k in ("device", "versions", "headline", "tests", "bench"))
+    c, tr, gen = d.get("ceilings") or {}, ANCHORS["train"], ANCHORS["generation"]
     lines = [f"bench.gpu_check{' --dry-run (CPU rehearsal: no figure here is a GPU measurement)' if d.get('dry_run') else ''}",
              f"device: {dev.get('name', '?')} ({dev.get('sms') or '-'} SMs, {_f(dev.get('memory_gib'), '{:.0f}')} GiB, "
-             f"capability {dev.get('capability') or '-'}), "
-             f"torch {ver.get('torch', '?')}, triton {ver.get('triton', '?')}, python {ver.get('python', '?')}, "
-             f"started {d.get('started_utc', '?')}, git {d.get('git_sha', '?')}",
+             f"capability {dev.get('capability') or '-'}), torch {ver.get('torch', '?')}, triton {ver.get('triton', '?')}, "
+             f"python {ver.get('python', '?')}, started {d.get('started_utc', '?')}, git {d.get('git_sha', '?')}",
              ANCHOR_NOTE, ""]
-    ceil = d.get("ceilings") or {}
-    if ceil:
-        lines.append(f"ceilings here: copy {_f(ceil.get('copy_gbps'), '{:,.0f}')} GB/s, fp32 matmul "
-                     f"{_f(ceil.get('fp32_tflops'), '{:.1f}')} TFLOP/s (H100 anchors: 3,000 GB/s, 51.6 TFLOP/s)")
+    if c:
+        lines.append(f"ceilings here: copy {_f(c.get('copy_gbps'), '{:,.0f}')} GB/s, fp32 matmul "
+                     f"{_f(c.get('fp32_tflops'), '{:.1f}')} TFLOP/s (H100: {ANCHORS['h100']['bytes_per_s'] / 1e9:,.0f} GB/s, "
+                     f"{ANCHORS['h100']['fp32_flops'] / 1e12:.1f} TFLOP/s)")
     lines.append("stages:")
-    for name, st in (d.get("stages") or {}).items():
-        lines.append(f"  {name:<9} {st.get('status', '?'):<8} {_f(st.get('wall_s'), '{:.1f}'):>6} s"
-                     f" (box {_f(st.get('box_s'), '{:.0f}')} s)" + (f"  {st['note']}" if st.get("note") else ""))
-    sf = d.get("selftest") or {}
-    if sf:
+    lines += [f"  {n:<9} {st.get('status', '?'):<8} {_f(st.get('wall_s'), '{:.1f}'):>6} s (box {_f(st.get('box_s'), '{:.0f}')} s)"
+              + (f"  {st['note']}" if st.get("note") else "") for n, st in (d.get("stages") or {}).items()]
+    if sf := d.get("selftest"):
         bad = [r["op"] for r in sf.get("rows", []) if r.get("result") != "pass"]
         lines.append(f"selftest: {'all ops pass' if sf.get('all_pass') else 'FAILED ' + ', '.join(bad)} "
                      f"({len(sf.get('rows', []))} ops, path {sf.get('path', '?')})")
-    h = d.get("headline") or {}
-    if h.get("kernels"):
-        lines.append("kernels (median ms, p20-p80; anchor = S4 CUDA ext on H100):")
-        for r in h["kernels"].values():
-            if r.get("status") != "ok":
-                lines.append(_not_ok(r))
-                continue
-            lines.append(f"  {r['label']}: {_f(r.get('ms_p50'))} ({_f(r.get('ms_p20'))}-{_f(r.get('ms_p80'))})"
-                         + (f", anchor {r['anchor_ms']:g}" if r.get("anchor_ms") else "")
-                         + (f", target <= {r['target_ms']:g}" if r.get("target_ms") else "")
-                         + _met(r.get("meets_target")))
-    train = list((h.get("train") or {}).values()) + list((h.get("train_compile") or {}).values())
-    if train:
-        lines.append("training step (tokens/s, peak GiB; anchor 1.00 M tokens/s, 8.36 GiB on H100):")
-        for r in train:
-            if r.get("status") != "ok":
-                lines.append(_not_ok(r))
-                continue
-            lines.append(f"  {r['label']}: {_big(r.get('tokens_per_s'))} tokens/s, {_f(r.get('peak_gib'), '{:.2f}')} GiB, "
-                         f"{_f(r.get('ms_p50'))} ms/step ({_f(r.get('ms_p20'))}-{_f(r.get('ms_p80'))}), "
-                         f"first call {_f(r.get('first_call_s'), '{:.1f}')} s" + _met(r.get("meets_target")))
-    if h.get("generation"):
-        lines.append("generation (steps/s per stream; samples/s over the batch):")
-        for r in h["generation"].values():
-            if r.get("status") != "ok":
-                lines.append(_not_ok(r))
-                continue
-            lines.append(f"  {r['label']}: {_f(r.get('steps_per_s'), '{:,.0f}')} steps/s, "
-                         f"{_f(r.get('samples_per_s'), '{:,.0f}')} samples/s, {_f(r.get('us_per_step'), '{:.1f}')} us/step"
-                         + (f", anchor {r['anchor_samples_per_s']:,.0f} samples/s" if r.get("anchor_samples_per_s") else "")
-                         + _met(r.get("meets_target")))
-    if h.get("recurrence"):
-        lines.append("recurrence vs convolution (relative error; target <= 1e-4, public 'diagonal': 1.8e-1):")
-        for r in h["recurrence"].values():
-            lines.append(f"  {r.get('label', '?')}: " + (f"{_f(r.get('rel_err'), '{:.2e}')}" + _met(r.get("meets_target"))
-                                                         if r.get("status") == "ok" else f"{r.get('status')} {r.get('reason', '')}"))
-    t = d.get("tests") or {}
+    spread = lambda r: f"{_f(r.get('ms_p50'))} ({_f(r.get('ms_p20'))}-{_f(r.get('ms_p80'))})"  # noqa: E731
+    lines += _figures("kernels (median ms, p20-p80; anchor = S4 CUDA ext on H100):", h.get("kernels"), lambda r: spread(r)
+                      + (f", anchor {r['anchor_ms']:g}" if r.get("anchor_ms") else "")
+                      + (f", target <= {r['target_ms']:g}" if r.get("target_ms") else ""))
+    lines += _figures(f"training step (tokens/s, peak GiB; anchor {tr['anchor_tokens_per_s'] / 1e6:.2f} M tokens/s, "
+                      f"{tr['anchor_peak_gib']} GiB on H100):", {**(h.get("train") or {}), **{
+                          f"c{k}": v for k, v in (h.get("train_compile") or {}).items()}}, lambda r:
+                      f"{_f(r.get('tokens_per_s'), '{:,.0f}')} tokens/s, {_f(r.get('peak_gib'), '{:.2f}')} GiB, "
+                      f"{spread(r)} ms/step, first call {_f(r.get('first_call_s'), '{:.1f}')} s")
+    lines += _figures("generation (steps/s per stream; samples/s over the batch):", h.get("generation"), lambda r:
+                      f"{_f(r.get('steps_per_s'), '{:,.0f}')} steps/s, {_f(r.get('samples_per_s'), '{:,.0f}')} samples/s, "
+                      f"{_f(r.get('us_per_step'), '{:.1f}')} us/step" + (
+                          f", anchor {r['anchor_samples_per_s']:,.0f} samples/s" if r.get("anchor_samples_per_s") else ""))
+    lines += _figures(f"recurrence vs convolution (relative error; target <= {ANCHORS['recurrence']['target_rel_err']:g}, "
+                      f"public 'diagonal': {ANCHORS['recurrence']['anchor_diagonal_rel_err']:g}):", h.get("recurrence"),
+                      lambda r: f"{_f(r.get('rel_err'), '{:.2e}')}")
     if t:
         lines.append(f"tests ({t.get('selection', '?')}): {t.get('passed', 0)} passed, {t.get('failed', 0)} failed, "
                      f"{t.get('errors', 0)} errors, {t.get('skipped', 0)} skipped of {t.get('selected', '?')} selected"
-                     + (f" ({t['collected']} collected)" if t.get("collected") is not None else "")
-                     + ("" if t.get("finished") else "  [did not finish]"))
-        for f in (t.get("failures") or [])[:10]:
-            lines.append(f"  FAIL {f.get('nodeid')}: {f.get('message', '')[:160]}")
-    b = d.get("bench") or {}
+                     f" ({t.get('collected')} collected)" + ("" if t.get("finished") else "  [did not finish]"))
+        lines += [f"  FAIL {f.get('nodeid')}: {f.get('message', '')[:160]}" for f in (t.get("failures") or [])[:10]]
     if b.get("files"):
-        lines.append("rest of the benchmarks: " + ", ".join(
-            f"{k} {v.get('status')}" + (f" ({v.get('benchmarks')})" if v.get("benchmarks") is not None else "")
-            for k, v in b["files"].items()))
+        lines.append("rest of the benchmarks: " + ", ".join(f"{k} {v.get('status')} ({v.get('benchmarks')})"
+                                                             for k, v in b["files"].items()))
         if b.get("missing_ids"):
             lines.append(f"  headline ids not found in bench/: {b['missing_ids']}")
-    p = d.get("profile") or {}
-    for name, r in p.items():
-        if isinstance(r, dict):
-            lines.append(f"profile {name}: {r.get('status')}  " + " | ".join(r.get("summary", [])[:3]))
+    lines += [f"profile {n}: {r.get('status')}  " + " | ".join(r.get("summary", [])[:3])
+              for n, r in (d.get("profile") or {}).items()]
     if d.get("finished_utc"):
         lines.append(f"finished {d['finished_utc']} after {_f(d.get('wall_s'), '{:.0f}')} s "
                      f"(budget {_f(d.get('budget_s'), '{:.0f}')} s): exit {d.get('exit_code')}")

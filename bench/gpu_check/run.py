@@ -8,7 +8,7 @@ budget is spent. Imports no torch itself: a stage that crashes or hangs takes on
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import os
 import shutil
 import signal
@@ -21,9 +21,10 @@ from pathlib import Path
 from bench.gpu_check import record
 
 ROOT = Path(__file__).resolve().parents[2]
-GPU_BUDGET_S = 480            # the issue's 8 minutes on the H200, machine start not included
+GPU_BUDGET_S = 480            # 8 minutes on the device, its start not included
 DRY_BUDGET_S = 420            # generous: a slow CI machine must not turn the rehearsal red
-# stage -> (time box on the GPU, in the dry run), seconds; "bench" gets what is left
+# stage -> (time box on the GPU, in the dry run), seconds, in the order they run; "bench" gets
+# what is left. A stage is the orchestrator's do_<name>, else bench/gpu_check/stages.py's.
 BOXES = {"setup": (60, 60), "precompile": (60, 90), "facts": (75, 90), "headline": (220, 150),
          "tests": (120, 120), "profile": (45, 60), "bench": (None, 90)}
 STAGES = tuple(BOXES)
@@ -37,30 +38,21 @@ DRY_KEEP_FROM = "test_embed_interleave.py"     # ... this (quick under the inter
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.gpu_check",
-                                description="The one-call GPU check: device facts + selftest, headline "
-                                            "figures, GPU tests, then the rest of the benchmarks "
-                                            "and profiles while time is left.")
+    p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description="The one-call GPU check "
+                                "(bench/gpu_check/__init__.py).")
     p.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "runs" / "gpu_check"),
                    help="results folder (default: $OUT, else runs/gpu_check)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="CPU rehearsal: Triton under TRITON_INTERPRET=1, tiny sizes, every stage")
-    p.add_argument("--budget", type=float, default=None,
-                   help=f"total seconds (default {GPU_BUDGET_S} on the GPU, {DRY_BUDGET_S} dry)")
+    p.add_argument("--dry-run", action="store_true", help="CPU rehearsal: TRITON_INTERPRET=1, tiny sizes")
+    p.add_argument("--budget", type=float, help=f"total seconds (default {GPU_BUDGET_S}, {DRY_BUDGET_S} dry)")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma list from {','.join(STAGES)}")
-    p.add_argument("--wheels", default=str(ROOT / "wheels"),
-                   help="wheel folder to install first (python -m bench.gpu_check.wheels fetches it)")
-    p.add_argument("--triton-cache", default=None,
-                   help="TRITON_CACHE_DIR to use (default: $TRITON_CACHE_DIR, else ~/.triton/cache; a "
-                        "temporary one for --dry-run); each stage records the cubins it added "
-                        "(after the precompile stage: the runtime's cache misses)")
+    p.add_argument("--wheels", default=str(ROOT / "wheels"), help="wheel folder to install first")
+    p.add_argument("--triton-cache", help="TRITON_CACHE_DIR (default: $TRITON_CACHE_DIR, else ~/.triton/cache; "
+                   "a temporary one for --dry-run)")
     p.add_argument("--sha", default=os.environ.get("GPU_CHECK_SHA"), help="git commit to record")
     a = p.parse_args(argv)
-    stages = [s for s in a.stages.split(",") if s]
-    bad = [s for s in stages if s not in STAGES]
-    if bad:
+    a.stages = [s for s in a.stages.split(",") if s]
+    if bad := [s for s in a.stages if s not in STAGES]:
         p.error(f"unknown stage(s) {bad}; choose from {', '.join(STAGES)}")
-    a.stages = stages
     return a
 
 
@@ -130,9 +122,8 @@ class Runner:
         e.update(PYTHONPATH=os.pathsep.join(path), PYTHONUNBUFFERED="1", GPU_CHECK_OUT=str(self.out),
                  GPU_CHECK_SHA=self.sha, TRITON_CACHE_DIR=str(self.cache))
         e.setdefault("HYPOTHESIS_PROFILE", "interp")
-        e.pop("GPU_CHECK_KEEP", None)
-        e.pop("GPU_CHECK_EXPECT", None)
-        e.pop("GPU_CHECK_KEEP_FROM", None)
+        for k in ("GPU_CHECK_KEEP", "GPU_CHECK_EXPECT", "GPU_CHECK_KEEP_FROM"):
+            e.pop(k, None)
         if self.dry:
             e.update(TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS=e.get("OMP_NUM_THREADS", "1"))
         else:
@@ -163,16 +154,11 @@ class Runner:
             try:
                 rc = proc.wait(timeout=max(1.0, box))
             except subprocess.TimeoutExpired:
-                for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-                    try:
+                for sig in (signal.SIGTERM, signal.SIGKILL):     # 5 s each to end
+                    with contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired):
                         os.killpg(proc.pid, sig)
-                    except ProcessLookupError:
+                        proc.wait(timeout=5)
                         break
-                    try:
-                        proc.wait(timeout=wait)
-                        break
-                    except subprocess.TimeoutExpired:
-                        continue
                 rc = "timeout"
             finally:
                 self.current = None
@@ -182,10 +168,8 @@ class Runner:
         """The device call itself is being stopped: end the running stage's process group,
         mark the stage, leave the results as they are."""
         if self.current is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.current.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         try:
             record.update(self.out, lambda d: d.update(finished_utc=record.now_utc(), exit_code=128 + signum,
                                                        stopped_by=f"signal {signum}"))
@@ -296,12 +280,9 @@ class Runner:
         ordered = [f for f in BENCH_ORDER if f in present]
         return ordered + [f for f in present if f not in ordered]
 
-    def _headline_ids(self) -> list[str]:
-        from bench.gpu_check import ids
-        return ids.headline_bench_ids()
-
     def do_bench(self, box: float):
-        headline = self._headline_ids()
+        from bench.gpu_check import ids
+        headline = ids.headline_bench_ids()
         files = self._bench_files()
         groups = [files] if self.dry else [[f] for f in files]   # the rehearsal: one pytest, all skip
         missing, statuses = [], []
@@ -362,12 +343,8 @@ class Runner:
             print(f"error: {msg}", file=sys.stderr)
             shutil.rmtree(self.work, ignore_errors=True)
             return 2
-        steps = {"setup": self.do_setup, "precompile": self.do_precompile,
-                 "facts": lambda b: self._py_stage("facts", b),
-                 "headline": lambda b: self._py_stage("headline", b), "tests": self.do_tests,
-                 "profile": lambda b: self._py_stage("profile", b), "bench": self.do_bench}
-        for name in self.a.stages:
-            self.stage(name, steps[name])
+        for name in self.a.stages:   # the orchestrator's own do_<name>, else a stages.py process
+            self.stage(name, getattr(self, f"do_{name}", None) or (lambda box, name=name: self._py_stage(name, box)))
         wall = time.time() - self.t0
         code = 1 if self.failed else 0
         record.update(self.out, lambda d: d.update(finished_utc=record.now_utc(), wall_s=round(wall, 1),

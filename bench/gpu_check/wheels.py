@@ -1,15 +1,12 @@
 """The wheels the GPU machine needs, fetched here in one command (it has no network):
 
-    python -m bench.gpu_check.wheels [--dest wheels] [--python-version 3.12]
+    python -m bench.gpu_check.wheels [--dest wheels] [--python-version 3.12] [--check]
 
-The device image (torch 2.11, triton 3.6, torchaudio 2.11, Python 3.12 at python3; its package
-list: /work/.library/device/KINDS.md) lacks soundfile (and its cffi / pycparser), soxr (the data pipeline's resampler), the Python
-nvtx package and constriction (the codec's range coder; tests/test_codec.py imports it, so the
-test stage's collection needs it); hypothesis and pytest-benchmark are there in versions that may differ from the
-tested ones (the derandomised hypothesis profile and the benchmark JSON depend on them), so the
-pinned ones travel too (pytest-benchmark 5 imports `cpuinfo` from py-cpuinfo2). Versions come
-from constraints.txt. Carry the folder with the device call (`carry: ["wheels"]`);
-`python -m bench.gpu_check` installs it first (pip --target, no network, no dependencies).
+The device image (torch 2.11, triton 3.6, torchaudio 2.11, Python 3.12) lacks soundfile (with
+cffi, pycparser), soxr (the data pipeline's resampler), nvtx and constriction (the test stage imports it); hypothesis and
+pytest-benchmark (with py-cpuinfo2) travel pinned, since the derandomised hypothesis profile and
+the benchmark JSON depend on their versions. Versions come from constraints.txt. Carry the folder
+with the device call; `python -m bench.gpu_check` installs it first (pip --target, no network).
 """
 from __future__ import annotations
 

@@ -3,9 +3,9 @@
     python -m bench.gpu_check.wheels [--dest wheels] [--python-version 3.12] [--check]
 
 The device image (torch 2.11, triton 3.6, torchaudio 2.11, Python 3.12) lacks soundfile (with
-cffi, pycparser), soxr (the data pipeline's resampler), nvtx and constriction (the test stage imports it); hypothesis and
-pytest-benchmark (with py-cpuinfo2) travel pinned, since the derandomised hypothesis profile and
-the benchmark JSON depend on their versions. Versions come from constraints.txt. Carry the folder
+cffi, pycparser), soxr (the data pipeline's resampler), nvtx and constriction (the test stage
+imports it); hypothesis and pytest-benchmark (with py-cpuinfo2) travel pinned, since the
+derandomised hypothesis profile and the benchmark JSON depend on their versions. Versions come from constraints.txt. Carry the folder
 with the device call; `python -m bench.gpu_check` installs it first (pip --target, no network).
 """
 from __future__ import annotations

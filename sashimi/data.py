@@ -114,7 +114,7 @@ def _resampling(orig: int, new: int) -> tuple[int, int, int]:
     (the reduced ratio; output frame k sits at input time k o / n), and an output frame depends
     on the inputs within `support` frames of its time. The support is measured once per pair
     of rates from the resampler's impulse response (where it exceeds 1e-9 of its peak; soxr's
-    filters depend on the ratio), plus a quarter for safety."""
+    filters depend on the ratio), plus a quarter and one block (o frames) for safety."""
     g = math.gcd(orig, new)
     o, n = orig // g, new // g
     span = 40 * max(1, -(-orig // new)) * 1024  # input frames: far beyond any soxr filter

@@ -18,10 +18,12 @@ with one clear line, never a traceback.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
 import random
-import tempfile
+import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +79,7 @@ def _feed(h, obj, path: str) -> None:
         t = obj.detach().cpu().contiguous().reshape(-1)
         h.update(f"{path}:tensor:{obj.dtype}:{tuple(obj.shape)};".encode())
         if t.numel():
-            h.update(t.view(torch.uint8).numpy().tobytes())
+            h.update(t.view(torch.uint8).numpy())   # the buffer itself: no copy
     elif isinstance(obj, dict):
         h.update(f"{path}:dict:{len(obj)};".encode())
         for key in sorted(obj, key=lambda k: (type(k).__name__, repr(k))):
@@ -110,47 +112,53 @@ def previous_path(path: str | os.PathLike) -> Path:
 def save(path: str | os.PathLike, payload: dict, keep_previous: bool = False) -> Path:
     """Atomically write payload (plus format, version and content hash) to path. With
     keep_previous, an existing file at path becomes `previous_path(path)` first."""
+    from sashimi.cli import atomic_output
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = dict(payload, format=FORMAT, format_version=FORMAT_VERSION)
     payload["sha256"] = content_hash(payload)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a checkpoint is for sharing
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb", buffering=0) as raw:
+            out = _WriteErrors(raw)
+            try:
+                torch.save(payload, out)
+            except RuntimeError:
+                if out.error is not None:   # torch reports a failed write (a full disk...) as a
+                    raise out.error from None   # RuntimeError: the OSError says why, in one line
+                raise
         if keep_previous and path.exists():
-            os.replace(path, previous_path(path))
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+            # a second name for the current file (a copy where links are not supported), so that
+            # `path` itself is never missing: the rename below replaces it in one step
+            with atomic_output(previous_path(path)) as keep:
+                os.unlink(keep)
+                try:
+                    os.link(path, keep)
+                except OSError:
+                    shutil.copyfile(path, keep)
     return path
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+class _WriteErrors(io.RawIOBase):
+    """A file that remembers the OSError of a failed write (torch.save hides it)."""
+
+    def __init__(self, raw):
+        super().__init__()
+        self.raw, self.error = raw, None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        try:
+            return self.raw.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
 
 
 def remove_stale_temporaries(folder: str | os.PathLike, name: str) -> list[Path]:
-    """Delete `.<name>.*.tmp` files left by writes that were killed (call with the run locked)."""
+    """Delete the temp files of `name` left by writes that were killed (call with the run locked)."""
     removed = []
-    for tmp in Path(folder).glob(f".{name}.*.tmp"):
+    for tmp in Path(folder).glob(f".{name}.*.tmp*"):   # atomic_output's `.<name>.<random>.tmp<suffix>`
         try:
             tmp.unlink()
             removed.append(tmp)
@@ -174,14 +182,81 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+# Bounds on what an untrusted file may make us build before its content is checked
+MAX_DEPTH = 32            # containers inside containers (ours nest 5 deep)
+MAX_NODES_PER_BYTE = 1    # values visited, repeats included, per byte of file (ours: ~0.001)
+
+
+def check_container(path: Path, size: int) -> None:
+    """A checkpoint is a zip archive whose entries are stored uncompressed (as torch.save writes
+    them): then every storage torch.load reads is a record no larger than the file, so nothing
+    is allocated beyond the file's own size (a compressed entry could inflate a small file to
+    gigabytes; the pre-zip torch format allocates whatever size it claims)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: damaged or not a checkpoint "
+                              f"(not a torch.save zip archive: {_first_line(exc)})") from None
+    packed = [e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED]
+    if packed:
+        raise CheckpointError(f"cannot read checkpoint {path}: damaged or not a checkpoint "
+                              f"(compressed entry {packed[0]}; torch.save stores entries uncompressed)")
+    if sum(e.file_size for e in entries) > size:
+        raise CheckpointError(f"cannot read checkpoint {path}: damaged or not a checkpoint "
+                              f"(its entries claim more bytes than the file holds)")
+
+
+def check_structure(payload, size: int, path) -> None:
+    """Walk what torch.load built (iteratively) before anything hashes or copies it: nesting at
+    most MAX_DEPTH deep, at most MAX_NODES_PER_BYTE * size values visited (repeated references
+    could otherwise make a tiny file a huge tree), and tensors that are plain views: no tensor
+    holds more elements than its storage has bytes for (a zero-stride view of one number can
+    claim terabytes), and the distinct views together hold no more bytes than the file."""
+    budget = max(100_000, MAX_NODES_PER_BYTE * size)
+    views: set = set()
+    total = 0
+    stack = [(payload, 0)]
+    visited = 0
+    while stack:
+        obj, depth = stack.pop()
+        visited += 1
+        if visited > budget:
+            raise CheckpointError(f"refusing {path}: it holds more values than its size allows (repeated references)")
+        if depth > MAX_DEPTH:
+            raise CheckpointError(f"refusing {path}: containers nested deeper than {MAX_DEPTH}")
+        if torch.is_tensor(obj):
+            nbytes = obj.numel() * obj.element_size()
+            room = obj.untyped_storage().nbytes() - obj.storage_offset() * obj.element_size()
+            if nbytes > room:
+                raise CheckpointError(f"refusing {path}: a tensor of shape {tuple(obj.shape)} and strides "
+                                      f"{obj.stride()} claims more elements than its storage holds (not a plain view)")
+            key = (obj.untyped_storage().data_ptr(), obj.storage_offset(), tuple(obj.shape), obj.stride(), obj.dtype)
+            if key not in views:
+                views.add(key)
+                total += nbytes
+                if total > size:
+                    raise CheckpointError(f"refusing {path}: its tensors claim more bytes than the file holds")
+        elif isinstance(obj, dict):
+            stack.extend((v, depth + 1) for kv in obj.items() for v in kv)
+        elif isinstance(obj, (list, tuple)):
+            stack.extend((v, depth + 1) for v in obj)
+
+
 def load(path: str | os.PathLike, map_location="cpu") -> dict:
     """Read a checkpoint written by `save`, or raise CheckpointError saying why it can't be used.
-    Never unpickles anything but tensors and plain data; checks the content hash."""
+    Never unpickles anything but tensors and plain data; bounds what it builds by the file's
+    size before touching it (check_container, check_structure); checks the content hash."""
+    from sashimi.cli import UserError, regular_file
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder; pass the checkpoint file (e.g. {path / 'checkpoint.pt'})")
+    try:
+        path = regular_file(path, "checkpoint")   # a FIFO or a device would block or never end
+    except UserError as exc:
+        raise CheckpointError(str(exc)) from None
+    size = path.stat().st_size
+    check_container(path, size)
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             payload = torch.load(path, map_location=map_location, weights_only=True)
@@ -199,6 +274,7 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
     except Exception as exc:  # truncated, not a torch file, zip damage...
         raise CheckpointError(f"cannot read checkpoint {path}: damaged or not a checkpoint "
                               f"({type(exc).__name__}: {_first_line(exc)})") from None
+    check_structure(payload, size, path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a sashimi-triton checkpoint")
     version = payload.get("format_version")
@@ -226,25 +302,60 @@ def check_finite_weights(state_dict: dict, path) -> None:
                               f"{' ...' if len(bad) > 3 else ''}): the run it came from diverged")
 
 
+def state_dict_mismatch(expected: dict, given: dict, shown: int = 3) -> str | None:
+    """What keeps `given` weights from loading where `expected` ones are (a state_dict of the
+    model, possibly on the meta device): the first missing, unexpected and mis-shaped keys."""
+    def first(keys):
+        return ", ".join(keys[:shown]) + (f" (+{len(keys) - shown} more)" if len(keys) > shown else "")
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    misshaped = [f"{k} {tuple(given[k].shape) if torch.is_tensor(given[k]) else type(given[k]).__name__} "
+                 f"(model: {tuple(v.shape)})" for k, v in expected.items()
+                 if k in given and (not torch.is_tensor(given[k]) or given[k].shape != v.shape)]
+    parts = [f"{what} {first(keys)}" for what, keys in
+             (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
+    return "; ".join(parts) or None
+
+
 def load_model(path, device="cpu"):
     """(model, payload): the checkpoint's SaShiMi on `device` in eval mode (reference kernels on
     CPU, Triton on CUDA), or CheckpointError with one line (bad config, no or non-finite
-    weights, weights that do not fit the config)."""
+    weights, weights that do not fit the config: the first keys that differ are named). The
+    config's model is first built on the meta device (no memory) and compared with the weights
+    in the file, so a config that does not fit them never allocates anything."""
     import dataclasses
 
     from sashimi.model import ModelConfig, SaShiMi
     payload = load(path)
-    try:
-        cfg = ModelConfig.from_dict(payload["model_config"])
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise CheckpointError(f"{path}: unusable model config: {exc}") from None
-    if not isinstance(payload.get("model"), dict):
+    config = payload.get("model_config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: holds no model config")
+    weights = payload.get("model")
+    if not isinstance(weights, dict):
         raise CheckpointError(f"{path}: holds no model weights")
-    check_finite_weights(payload["model"], path)
     device = torch.device(device)
-    model = SaShiMi(dataclasses.replace(cfg, kernel_backend="reference" if device.type == "cpu" else "auto"))
     try:
-        model.load_state_dict(payload["model"])
-    except (RuntimeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path}: weights do not fit the model config: {str(exc).splitlines()[0]}") from None
-    return model.to(device).eval(), payload
+        cfg = ModelConfig.from_dict(config)
+        cfg = dataclasses.replace(cfg, kernel_backend="reference" if device.type == "cpu" else "auto")
+        # a lower bound of the config's weights (embedding, each S4 layer's C and output mix at
+        # the top tier), checked first: a huge config costs nothing, not even a meta build
+        least = cfg.levels * cfg.d_model + cfg.n_layers * (2 * cfg.d_model ** 2 + cfg.d_state * cfg.d_model)
+        given = sum(v.numel() for v in weights.values() if torch.is_tensor(v))
+        if least > given:
+            raise CheckpointError(f"{path}: weights do not fit the model config: it needs at least {least:,} "
+                                  f"weights, the file holds {given:,}")
+        with torch.device("meta"):
+            shapes = SaShiMi(cfg).state_dict()
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, NotImplementedError) as exc:
+        raise CheckpointError(f"{path}: unusable model config: {_first_line(exc)}") from None
+    mismatch = state_dict_mismatch(shapes, weights)
+    if mismatch:
+        raise CheckpointError(f"{path}: weights do not fit the model config: {mismatch}")
+    check_finite_weights(weights, path)
+    try:
+        model = SaShiMi(cfg)
+        model.load_state_dict(weights)
+        model = model.to(device)
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: weights do not fit the model config: {_first_line(exc)}") from None
+    return model.eval(), payload

@@ -49,7 +49,6 @@ import io
 import json
 import math
 import os
-import stat
 import struct
 import time
 import zlib
@@ -60,7 +59,7 @@ import numpy as np
 import torch
 
 from sashimi import checkpoint
-from sashimi.cli import UserError
+from sashimi.cli import UserError, atomic_output, regular_file
 from sashimi.model import SaShiMi
 from sashimi.quantize import KINDS, Quantizer
 
@@ -100,16 +99,7 @@ def quantized(quantizer: Quantizer, audio: torch.Tensor) -> np.ndarray:
 
 def regular_input(path: Path, what: str = "input") -> Path:
     """A path that names a regular file (not a FIFO, device or folder), or one line."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise CodecError(f"not found: {path}") from None
-    except OSError as exc:
-        raise CodecError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if not stat.S_ISREG(mode):
-        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a pipe or device?)"
-        raise CodecError(f"{what} {path} is {kind}")
-    return path
+    return regular_file(path, what)
 
 
 def read_input(path: Path, sample_rate: int, channels: int) -> tuple[torch.Tensor, dict]:
@@ -404,22 +394,10 @@ def writable_path(path: Path) -> Path:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write through a temp file beside the target; on any failure the temp is removed and the
-    reason is one line."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write through a temp file beside the target, removed on any failure; one line on error."""
     writable_path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as tmp:
         tmp.write_bytes(data)
-        tmp.replace(path)
-    except OSError as exc:
-        raise CodecError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        if tmp.exists():
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
 
 
 def _is_int(v) -> bool:

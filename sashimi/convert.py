@@ -47,8 +47,13 @@ class ConvertError(UserError):
 
 def read_public(path: Path) -> dict[str, torch.Tensor]:
     """The public model's tensors, keys relative to the wrapper (embedding., backbone., head.)."""
-    if not path.exists():
-        raise ConvertError(f"not found: {path}")
+    from sashimi.checkpoint import CheckpointError, check_container, check_structure
+    from sashimi.cli import UserError, regular_file
+    try:
+        path = regular_file(path, "the public checkpoint")    # missing, a folder, a FIFO: one line
+        check_container(path, path.stat().st_size)           # bounded by its own size before loading
+    except (UserError, CheckpointError) as exc:
+        raise ConvertError(str(exc)) from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -60,6 +65,10 @@ def read_public(path: Path) -> dict[str, torch.Tensor]:
         raise ConvertError(f"cannot read {path}: damaged or not a torch file") from None
     except Exception as exc:
         raise ConvertError(f"cannot read {path}: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}") from None
+    try:
+        check_structure(obj, path.stat().st_size, path)
+    except CheckpointError as exc:
+        raise ConvertError(str(exc)) from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict) and \
                 any(torch.is_tensor(v) for v in obj[key].values()):

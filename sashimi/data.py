@@ -207,6 +207,14 @@ def _seek_read(f: sf.SoundFile, path, a: int, count: int) -> np.ndarray:
     return data[a - seek_to:]
 
 
+def _warn_if_beyond_full_scale(data: np.ndarray, path) -> None:
+    """Float files can hold samples beyond [-1, 1], which quantisation clips: say so, once per file."""
+    finite = data[np.isfinite(data)]
+    peak = float(np.abs(finite).max()) if finite.size else 0.0
+    if peak > 1.0:
+        _warn_once(path, "clipped", f"{path}: samples beyond full scale (peak {peak:.3g}) are clipped to [-1, 1]")
+
+
 def _read(path, sample_rate: int, channels: int, start: int, frames: int | None,
           warn: bool = True) -> torch.Tensor:
     try:
@@ -234,6 +242,7 @@ def _read(path, sample_rate: int, channels: int, start: int, frames: int | None,
             a = max(0, m0 - -(-support // o)) * o
             b = min(n_file, (m1 + 1) * o + support)
         data = _seek_read(f, path, a, b - a)
+    _warn_if_beyond_full_scale(data, path)
     x = _apply_channels(torch.from_numpy(data), channels, path, warn)
     if rate == sample_rate:
         return x.contiguous()

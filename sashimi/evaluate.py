@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from sashimi import checkpoint
-from sashimi.cli import UserError, check_out_dir, resolve_device, run_cli
+from sashimi.cli import UserError, atomic_output, check_at_most, check_fits, check_out_dir, resolve_device, run_cli
 from sashimi.model import LN2, ModelConfig, SaShiMi
 from sashimi.prefill import prefill
 from sashimi.quantize import Quantizer
@@ -270,7 +270,7 @@ def format_table(summary: dict, channels: int) -> str:
 
 def write_csv(path: Path, rows: list[dict]) -> None:
     import csv
-    with open(path, "w", newline="") as f:
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, list(rows[0]))
         w.writeheader()
         for r in rows:
@@ -297,7 +297,8 @@ def plot(path: Path, summary: dict, channels: int, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
 
 
@@ -324,14 +325,48 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run(args) -> int:
+MAX_SECONDS = 24 * 3600       # an excerpt longer than a day is a typo
+MAX_EXCERPTS = 100_000
+
+
+def check_args(args) -> None:
+    """Flags a user can get wrong: one line each (NaN, inf and '' are refused by run_cli)."""
     if args.seconds < 0 or args.offset < 0 or args.excerpts_per_file < 1 or args.clips < 1 or args.block < 1:
         raise UserError("--seconds and --offset must be >= 0, --excerpts-per-file, --clips and --block >= 1")
     if args.data == "synthetic" and args.seconds == 0:
         raise UserError("--data synthetic needs --seconds > 0")
+    check_at_most("--seconds", args.seconds, MAX_SECONDS)
+    check_at_most("--offset", args.offset, MAX_SECONDS)
+    check_at_most("--excerpts-per-file", args.excerpts_per_file, MAX_EXCERPTS)
+    check_at_most("--clips", args.clips, MAX_EXCERPTS)
+    check_at_most("--block", args.block, 1 << 16)
+
+
+def check_eval_fits(args, cfg: ModelConfig, device: torch.device) -> None:
+    """Excerpts are held as audio, tokens and per-sample scores (16 bytes a sample, twice that
+    --by-position): at least --clips (synthetic) or --excerpts-per-file (one file) of them."""
+    count = args.clips if args.data == "synthetic" else args.excerpts_per_file
+    per_sample = 16 * (2 if args.by_position else 1) * cfg.channels
+    check_fits({"excerpts (--seconds x --clips / --excerpts-per-file)":
+                count * args.seconds * cfg.sample_rate * per_sample}, device, "this evaluation")
+
+
+def check_finite_scores(excerpts: list, scores: dict) -> None:
+    """A NaN or infinite NLL means the model computes non-finite probabilities: one line, no
+    output, instead of "NLL nan" with exit 0."""
+    for kind in ("continuous", "windows"):
+        for ex, nll in zip(excerpts, scores.get(kind) or []):
+            if not np.isfinite(nll).all():
+                raise UserError(f"the model's NLL of {ex.name} is not finite ({kind} scoring): it computes "
+                                f"non-finite probabilities (a diverged or damaged model); nothing written")
+
+
+def run(args) -> int:
+    check_args(args)
     device = resolve_device(args.device)
     model = load_for_eval(args.checkpoint, device)
     cfg = model.cfg
+    check_eval_fits(args, cfg, device)
     if args.data == "synthetic":
         excerpts = synthetic_excerpts(cfg, args.clips, args.seconds)
     else:
@@ -341,6 +376,7 @@ def run(args) -> int:
     check_out_dir(out)
     t0 = time.perf_counter()
     scores = evaluate(model, excerpts, args.by_position, args.block, progress=not args.quiet)
+    check_finite_scores(excerpts, scores)
     summary = summarise(cfg, excerpts, scores)
     summary["data"] = args.data
     summary["eval_seconds"] = time.perf_counter() - t0
@@ -363,7 +399,7 @@ def run(args) -> int:
         except ImportError:   # matplotlib comes with the [dev] extra (scripts/setup.sh installs it)
             print(f"wrote {out / 'nll_by_position.csv'}; no PNG: matplotlib is not installed "
                   f"(pip install matplotlib)", file=sys.stderr)
-    with open(out / "summary.json", "w") as f:
+    with atomic_output(out / "summary.json") as tmp, open(tmp, "w") as f:
         json.dump(summary, f, indent=1)
     print(f"wrote {out / 'summary.json'}")
     return 0

@@ -18,6 +18,7 @@ eagerly.
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import sys
 import time
@@ -29,7 +30,7 @@ from torch.utils._pytree import tree_leaves
 
 from kernels.profiling import nvtx_range
 from sashimi import checkpoint
-from sashimi.cli import UserError, check_out_dir, machine_memory, resolve_device, run_cli
+from sashimi.cli import UserError, atomic_output, check_at_most, check_fits, check_out_dir, regular_file, resolve_device, run_cli
 from sashimi.checkpoint import CheckpointError
 from sashimi.model import SaShiMi
 from sashimi.prefill import prefill
@@ -39,6 +40,10 @@ from sashimi.quantize import Quantizer
 def load_model(path, device) -> SaShiMi:
     """Rebuild the model of a checkpoint; CheckpointError with one line if it can't."""
     return checkpoint.load_model(path, device)[0]
+
+
+class GenerationStopped(Exception):
+    """generate_audio's should_stop() asked it to stop: nothing was generated."""
 
 
 class GraphCaptureError(RuntimeError):
@@ -186,7 +191,7 @@ def _consume_prompt(model: SaShiMi, start: torch.Tensor, use_prefill: bool):
 def generate_audio(model: SaShiMi, frames: int, batch: int, quantizer: Quantizer,
                    temperature: float = 1.0, top_p: float = 1.0, prompt: torch.Tensor | None = None,
                    seed: int = 0, progress: bool = True, cuda_graphs: bool | None = None,
-                   use_prefill: bool = True):
+                   use_prefill: bool = True, should_stop=None):
     """Generate `frames` frames (prompt included) for `batch` samples.
 
     prompt: float audio (P, C) at the model's rate, continued by every sample. Without one,
@@ -195,6 +200,7 @@ def generate_audio(model: SaShiMi, frames: int, batch: int, quantizer: Quantizer
     its state is copied to every sample); use_prefill=False steps through it token by token.
     cuda_graphs: replay one CUDA graph per phase variant of the step (default: on CUDA);
     False runs the same step function eagerly (always on CPU).
+    should_stop: polled every 256 steps; when it returns True, GenerationStopped is raised.
     Returns (audio float32 (batch, frames, C) in [-1, 1], log-likelihood of the generated
     tokens in bits, (batch,)).
     """
@@ -246,7 +252,7 @@ def generate_audio(model: SaShiMi, frames: int, batch: int, quantizer: Quantizer
             if device.type == "cpu":
                 torch.set_num_threads(1)
             try:
-                _generate_steps(sampler, t0, t1, graphs, batch, C // k, cfg.sample_rate, progress)
+                _generate_steps(sampler, t0, t1, graphs, batch, C // k, cfg.sample_rate, progress, should_stop)
             finally:
                 torch.set_num_threads(threads)
     finally:
@@ -257,9 +263,10 @@ def generate_audio(model: SaShiMi, frames: int, batch: int, quantizer: Quantizer
     return audio, (loglik / math.log(2)).cpu()
 
 
-def _generate_steps(sampler, t0, t1, graphs, batch, per_frame, rate, progress):
+def _generate_steps(sampler, t0, t1, graphs, batch, per_frame, rate, progress, should_stop=None):
     """run_steps with a progress bar (samples/s over the batch, real-time factor per stream);
-    per_frame: positions per frame (C interleaved, 1 for frames or mono)."""
+    per_frame: positions per frame (C interleaved, 1 for frames or mono); should_stop() polled
+    with the progress (GenerationStopped when it says so)."""
     from tqdm.auto import tqdm
     bar = tqdm(total=t1 - t0 + 1, disable=not progress, unit="step", dynamic_ncols=True, mininterval=0.5)
     bar.update(1)                                   # the position sampled from the prompt's state
@@ -271,9 +278,16 @@ def _generate_steps(sampler, t0, t1, graphs, batch, per_frame, rate, progress):
         bar.set_postfix(samples_s=f"{batch * fps:,.0f}", realtime=f"{fps / rate:.3f}x")
         bar.update(done + 1 - bar.n)
 
+    def on_progress(done: int) -> None:
+        if progress:
+            show(done)
+        if should_stop is not None and should_stop():
+            bar.close()
+            raise GenerationStopped
+
     every = 256 if graphs is None else 4096
     with nvtx_range("sashimi/generate/steps"):
-        run_steps(sampler, t0, t1, graphs, show if progress else None, every)
+        run_steps(sampler, t0, t1, graphs, on_progress if progress or should_stop else None, every)
     if progress:
         if sampler.tokens.is_cuda:
             torch.cuda.synchronize(sampler.tokens.device)
@@ -285,9 +299,22 @@ def write_wav(path, audio: torch.Tensor, sample_rate: int) -> Path:
     """16-bit PCM WAV of (frames, C) float audio."""
     import soundfile as sf
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(str(path), np.clip(audio.numpy(), -1.0, 1.0), sample_rate, subtype="PCM_16")
+    buffer = io.BytesIO()   # encoded in memory: a full disk is then an OSError, not libsndfile's "System error"
+    sf.write(buffer, np.clip(audio.numpy(), -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
     return path
+
+
+def check_finite_result(audio: torch.Tensor, loglik: torch.Tensor, checkpoint_path) -> None:
+    """A NaN or infinite log-likelihood (or sample) means the model computes garbage (weights or
+    config that are finite but diverge, e.g. a converted model with an unstable A): one line, no
+    WAV, instead of a constant full-scale file."""
+    if not torch.isfinite(loglik).all() or not torch.isfinite(audio).all():
+        bad = loglik[~torch.isfinite(loglik)]
+        raise UserError(f"{checkpoint_path}: the model's log-likelihood of its own samples is "
+                        f"{bad[0].item() if bad.numel() else 'finite but the audio is not'}: it computes "
+                        f"non-finite probabilities (a diverged or damaged model); nothing written")
 
 
 def choose(loglik: torch.Tensor, keep: str) -> list[int]:
@@ -320,22 +347,24 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+MAX_BATCH = 65_536   # samples generated in parallel: far beyond what fills a GPU
+
+
 def check_args(args) -> None:
     """Flags a user can get wrong: one line each, before the model is even loaded."""
     if not (math.isfinite(args.seconds) and args.seconds > 0):
         raise UserError(f"--seconds must be a finite number > 0, got {args.seconds!r}")
     if args.batch < 1:
         raise UserError(f"--batch must be >= 1, got {args.batch}")
+    check_at_most("--batch", args.batch, MAX_BATCH)
     if not (math.isfinite(args.temperature) and args.temperature > 0):
         raise UserError(f"--temperature must be a finite number > 0, got {args.temperature!r}")
     if not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p!r}")
     if args.seed < 0:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
-    if args.prompt is not None and not Path(args.prompt).exists():
-        raise UserError(f"--prompt: file not found: {args.prompt}")
-    if args.prompt is not None and Path(args.prompt).is_dir():
-        raise UserError(f"--prompt {args.prompt} is a folder; pass an audio file")
+    if args.prompt is not None:
+        regular_file(args.prompt, "--prompt")   # missing, a folder, a FIFO: one line
 
 
 def check_batch_fits(model: SaShiMi, batch: int, frames: int, device: torch.device) -> None:
@@ -343,10 +372,8 @@ def check_batch_fits(model: SaShiMi, batch: int, frames: int, device: torch.devi
     per_sample = sum(t.numel() * t.element_size() for t in tree_leaves(model.default_state(1, device="meta"))
                      if torch.is_tensor(t))
     per_sample += frames * model.cfg.channels * 8 + 2 * 4 * model.cfg.levels  # tokens, head output
-    need, have = batch * per_sample, machine_memory(device)
-    if have and need > have:
-        raise UserError(f"--batch {batch} needs at least {need / 2**30:,.1f} GiB (recurrent state and tokens); "
-                        f"{device.type} memory here is {have / 2**30:,.1f} GiB")
+    check_fits({"recurrent state and tokens (--batch x --seconds)": batch * per_sample}, device,
+               f"--batch {batch} of {frames} frames")
 
 
 def output_paths(out: Path, names: list[str], overwrite: bool) -> list[Path]:
@@ -394,6 +421,7 @@ def run(args) -> int:
                                        prompt, args.seed, cuda_graphs=False if args.no_cuda_graphs else None)
     except GraphCaptureError as exc:
         raise UserError(str(exc)) from None
+    check_finite_result(audio, loglik, args.checkpoint)
     n_gen = audio.shape[1] * cfg.channels - (prompt.numel() if prompt is not None else 0)
     kept = choose(loglik, args.keep)
     paths = output_paths(out, [f"sample_seed{args.seed}_{i:03d}.wav" for i in kept], args.overwrite)

@@ -30,6 +30,7 @@ from torch import nn
 
 import kernels
 from kernels.profiling import nvtx_range
+from sashimi.quantize import KINDS as QUANTIZATION_KINDS
 from sashimi.s4 import S4Layer
 
 LN2 = math.log(2.0)
@@ -68,39 +69,32 @@ class ModelConfig:
     kernel_backend: str = "auto"
 
     def __post_init__(self):
-        self.pool = tuple(int(p) for p in self.pool)
+        # every field is checked here, by the rules in CONFIG_RULES (a field without a rule must
+        # have the type of its default), so a config read from a file never builds a wrong model
         problems = []
-        if self.ssm not in ("dplr", "diag"):
-            problems.append(f"ssm must be 'dplr' or 'diag', got {self.ssm!r}")
-        if self.head not in ("categorical", "dml"):
-            problems.append(f"head must be 'categorical' or 'dml', got {self.head!r}")
-        if self.channels not in (1, 2):
-            problems.append(f"channels must be 1 (mono) or 2 (stereo), got {self.channels}")
-        if self.bits not in (8, 16):
-            problems.append(f"bits must be 8 or 16, got {self.bits}")
-        if self.embed_init not in ("ordinal", "normal"):
-            problems.append(f"embed_init must be 'ordinal' or 'normal', got {self.embed_init!r}")
+        for field in dataclasses.fields(self):
+            rule = CONFIG_RULES.get(field.name) or _of_type(type(field.default))
+            problem = rule(getattr(self, field.name))
+            if problem:
+                problems.append(f"{field.name} {problem}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.pool = tuple(self.pool)
+        if self.dt_min > self.dt_max:
+            problems.append(f"dt_min ({self.dt_min}) must be <= dt_max ({self.dt_max})")
+        if self.init is not None and self.init not in SSM_INITS[self.ssm]:
+            problems.append(f"init {self.init!r} does not fit ssm {self.ssm!r} (one of {SSM_INITS[self.ssm]}, or None)")
         if self.value_input and self.tie_weights:
             problems.append("value_input needs untied weights (its token table starts at zero)")
         if self.value_input and self.channels == 2 and self.stereo_layout != "frames":
             problems.append("value_input needs mono or the frames stereo layout (--stereo-layout frames)")
         if self.tie_weights and self.head != "categorical":
             problems.append("weight tying needs the categorical head")
-        if self.stereo_layout not in ("interleave", "frames"):
-            problems.append(f"stereo_layout must be 'interleave' or 'frames', got {self.stereo_layout!r}")
-        elif self.stereo_layout == "frames" and self.channels != 2:
+        if self.stereo_layout == "frames" and self.channels != 2:
             problems.append("stereo_layout 'frames' needs stereo (channels=2: train --stereo)")
         elif self.stereo_layout == "frames" and self.tie_weights:
             problems.append("weight tying needs the interleave layout (frames has one table per channel)")
-        for name in ("d_model", "n_layers", "expand", "ff", "d_state", "seq_len", "sample_rate", "n_mixtures"):
-            value, least = getattr(self, name), 0 if name == "ff" else 1  # ff = 0: no feed-forward blocks
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                problems.append(f"{name} must be an integer >= {least}, got {value!r}")
-        if any(p < 1 for p in self.pool):
-            problems.append(f"pool factors must be >= 1, got {list(self.pool)}")
-        if problems:
-            raise ValueError("; ".join(problems))
-        if self.l_max % self.pool_factor:
+        if not problems and self.l_max % self.pool_factor:
             what = "seq_len" if self.frames else "seq_len x channels"
             problems.append(f"{what} = {self.l_max} must be a multiple of the total pooling "
                             f"factor {self.pool_factor} (pool={list(self.pool)})")
@@ -147,6 +141,93 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config keys: {sorted(unknown)}")
         return cls(**d)
+
+
+# ------------------------------------------------------------------------- config field rules
+# Each rule returns None or what is wrong ("must be ..., got ..."). The bounds are what a model
+# can sensibly have, far beyond the presets; they keep a config read from a file from building
+# a model that cannot fit any machine.
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int(least: int, most: int, even: bool = False):
+    def rule(v):
+        if not _is_int(v) or not least <= v <= most or (even and v % 2):
+            return f"must be {'an even' if even else 'an'} integer in [{least}, {most}], got {v!r}"
+    return rule
+
+
+def _float(least: float, most: float, below_most: bool = False):
+    def rule(v):
+        ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+              and least <= v and (v < most if below_most else v <= most))
+        if not ok:
+            return f"must be a finite number in [{least}, {most}{')' if below_most else ']'}, got {v!r}"
+    return rule
+
+
+def _positive_float(most: float):
+    def rule(v):
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 < v <= most
+        if not ok:
+            return f"must be a finite number in (0, {most}], got {v!r}"
+    return rule
+
+
+def _one_of(*choices):
+    def rule(v):
+        if type(v) not in {type(c) for c in choices} or v not in choices:   # 2.0 is not 2, True not 1
+            return f"must be one of {', '.join(map(repr, choices))}, got {v!r}"
+    return rule
+
+
+def _of_type(kind: type):
+    def rule(v):
+        ok = (_is_int(v) if kind is int else
+              isinstance(v, (int, float)) and not isinstance(v, bool) if kind is float else isinstance(v, kind))
+        if not ok:
+            return f"must be a {kind.__name__}, got {v!r}"
+    return rule
+
+
+def _pool(v):
+    if not isinstance(v, (list, tuple)) or not 0 <= len(v) <= 8 or not all(_is_int(p) and 1 <= p <= 64 for p in v):
+        return f"must be a list of at most 8 integers in [1, 64], got {v!r}"
+
+
+def _init(v):
+    if v is not None and v not in {i for inits in SSM_INITS.values() for i in inits}:
+        return f"must be None or one of {sorted({i for inits in SSM_INITS.values() for i in inits})}, got {v!r}"
+
+
+SSM_INITS = {"dplr": ("legs",), "diag": ("lin", "inv")}
+CONFIG_RULES = {
+    "d_model": _int(1, 8192),
+    "n_layers": _int(1, 1024),
+    "pool": _pool,
+    "expand": _int(1, 64),
+    "ff": _int(0, 64),                 # 0: no feed-forward blocks
+    "d_state": _int(2, 4096, even=True),
+    "ssm": _one_of(*SSM_INITS),
+    "init": _init,
+    "dropout": _float(0.0, 1.0, below_most=True),
+    "dt_min": _positive_float(1e3),
+    "dt_max": _positive_float(1e3),
+    "dt_per_length": _float(0.0, 1e6),
+    "bits": _one_of(8, 16),
+    "quantization": _one_of(*QUANTIZATION_KINDS),
+    "channels": _one_of(1, 2),
+    "sample_rate": _int(1, 768_000),
+    "seq_len": _int(1, 2 ** 24),
+    "head": _one_of("categorical", "dml"),
+    "n_mixtures": _int(1, 1024),
+    "tie_weights": _of_type(bool),
+    "stereo_layout": _one_of("interleave", "frames"),
+    "embed_init": _one_of("ordinal", "normal"),
+    "value_input": _of_type(bool),
+    "kernel_backend": _one_of("auto", "triton", "reference"),
+}
 
 
 PRESETS = {

@@ -29,7 +29,8 @@ from torch import nn
 from kernels.profiling import nvtx_range
 from kernels.reference import check_tokens
 from sashimi import checkpoint
-from sashimi.cli import UserError, check_out_dir, machine_memory, resolve_device, run_cli
+from sashimi.cli import (UserError, atomic_output, check_at_most, check_fits, check_out_dir, cores, resolve_device,
+                         run_cli, write_error)
 from sashimi.checkpoint import CheckpointError
 from sashimi.model import PRESETS, ModelConfig, SaShiMi, count_parameters
 from sashimi.quantize import Quantizer
@@ -134,6 +135,25 @@ def check_args(args) -> None:
         value = getattr(args, flag, None)
         if value is not None and not (math.isfinite(value) and value > 0):
             bad(flag.replace("_", "-"), value, "a finite number > 0")
+    if args.threads is not None and args.threads < 1:
+        bad("threads", args.threads, ">= 1")
+    check_at_most("--threads", args.threads, cores())   # more threads than cores only slows down
+    check_at_most("--num-workers", args.num_workers, MAX_NUM_WORKERS)
+    check_at_most("--val-crops", args.val_crops, MAX_VAL_CROPS)
+    if args.val_crops is not None and args.val_crops < 1:
+        bad("val-crops", args.val_crops, ">= 1")
+
+
+def check_train_flags(args, model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
+    """Flags whose sense depends on the model config (known once a resumed run is read)."""
+    if train_cfg.sample_every and train_cfg.sample_seconds * model_cfg.sample_rate < 1:
+        raise UserError(f"--sample-seconds {train_cfg.sample_seconds} is less than one sample at "
+                        f"{model_cfg.sample_rate} Hz")
+    if train_cfg.val_data is not None and train_cfg.data is None:
+        raise UserError("--val-data needs --data (the built-in synthetic music has its own held-out clips)")
+    if train_cfg.val_data is not None and train_cfg.val_data == train_cfg.data:
+        print(f"warning: --val-data is --data ({train_cfg.data}): validation then measures audio the model "
+              f"trains on, not held-out audio", file=sys.stderr)
 
 
 def model_config_from_args(args) -> ModelConfig:
@@ -160,7 +180,12 @@ def train_config_from_args(args, base: TrainConfig | None = None) -> TrainConfig
                  sample_every=args.sample_every, sample_seconds=args.sample_seconds, compile=args.compile,
                  deterministic=args.deterministic, val_data=args.val_data, val_crops=args.val_crops)
     cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})
-    return cfg
+    # folders as absolute paths: --resume from another working folder compares the same audio
+    return dataclasses.replace(cfg, data=resolved(cfg.data), val_data=resolved(cfg.val_data))
+
+
+def resolved(folder: str | None) -> str | None:
+    return None if folder is None else str(Path(folder).expanduser().resolve())
 
 
 def check_resume_flags(args, saved: ModelConfig) -> None:
@@ -207,10 +232,12 @@ def resume_plan(args, saved: dict, path) -> tuple[ModelConfig, TrainConfig, int,
     unknown = sorted(set(stored) - known)
     if unknown:
         raise UserError(f"--resume: {path}: unknown train_config keys {unknown} (written by a newer version?)")
-    try:
-        old = TrainConfig(**stored)
-    except TypeError as exc:
-        raise UserError(f"--resume: {path}: unusable train_config: {exc}") from None
+    wrong = [f"{f.name}={stored[f.name]!r}" for f in dataclasses.fields(TrainConfig) if f.name in stored
+             and not _same_kind(stored[f.name], f.default)]
+    if wrong:
+        raise UserError(f"--resume: {path}: unusable train_config: {', '.join(wrong[:3])}")
+    old = TrainConfig(**stored)
+    old = dataclasses.replace(old, data=resolved(old.data), val_data=resolved(old.val_data))
     new = train_config_from_args(args, old)
     refused = [f"--{k.replace('_', '-')} {getattr(new, k)!r} (the run used {getattr(old, k)!r})"
                for k in RESUME_REFUSED if getattr(new, k) != getattr(old, k)]
@@ -228,6 +255,17 @@ def resume_plan(args, saved: dict, path) -> tuple[ModelConfig, TrainConfig, int,
     if new.steps != old.steps:
         changes.append(f"cosine schedule re-planned for {new.steps} steps (was {old.steps})")
     return model_cfg, new, step, changes
+
+
+def _same_kind(value, default) -> bool:
+    """A stored train_config value has the type of the field's default (None: a folder or None)."""
+    if default is None:
+        return value is None or isinstance(value, str)
+    if isinstance(default, bool) or isinstance(value, bool):
+        return type(value) is type(default)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return type(value) is type(default)
 
 
 class RunLock:
@@ -262,16 +300,27 @@ class RunLock:
             self.fd = None
 
 
-def check_batch_fits(cfg: ModelConfig, batch: int, device: torch.device) -> None:
-    """Refuse a batch whose activations cannot fit: a lower bound (the head's output and its
-    gradient, and one fp32 activation and gradient per backbone layer), never an overestimate."""
+MAX_VAL_CROPS = 100_000
+MAX_NUM_WORKERS = 64
+
+
+def check_run_fits(cfg: ModelConfig, train: TrainConfig, device: torch.device) -> None:
+    """The run's memory from its flags, refused in one line when it cannot fit (cli.check_fits).
+    Lower bounds, never overestimates: the head's output and its gradient and one fp32
+    activation and gradient per backbone layer (batch, seq-len, head size: levels or 3 x
+    mixtures); the fixed validation crops' tokens; a training sample's tokens and audio; the
+    weights, gradients and AdamW's two moments."""
     head = cfg.levels if cfg.head == "categorical" else 3 * cfg.n_mixtures
-    samples = cfg.samples                           # head outputs: one per sample, either layout
-    need = batch * 4 * 2 * (samples * head + cfg.l_max * cfg.d_model * cfg.n_layers)
-    have = machine_memory(device)
-    if have and need > have:
-        raise UserError(f"--batch-size {batch} needs at least {need / 2**30:,.1f} GiB for activations "
-                        f"({samples} samples x {batch}); {device.type} memory here is {have / 2**30:,.1f} GiB")
+    with torch.device("meta"):
+        params = count_parameters(SaShiMi(dataclasses.replace(cfg, kernel_backend="reference")))
+    sample = (train.sample_seconds * cfg.sample_rate * cfg.channels * 12) if train.sample_every else 0
+    check_fits({
+        "activations (--batch-size x --seq-len, --head / --n-mixtures)":
+            train.batch_size * 4 * 2 * (cfg.samples * head + cfg.l_max * cfg.d_model * cfg.n_layers),
+        "validation crops (--val-crops x --seq-len)": train.val_crops * (cfg.seq_len + 1) * cfg.channels * 8,
+        "training samples (--sample-seconds x --sample-rate)": sample,
+        "weights and optimiser state": params * 4 * 4,
+    }, device, f"this run (batch {train.batch_size} x {cfg.samples} samples)")
 
 
 def warn_big_softmax(cfg: ModelConfig) -> None:
@@ -293,10 +342,8 @@ def trim_log(log_path: Path, step: int) -> None:
     kept = [rows[0]] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
     if len(kept) == len(rows):
         return
-    tmp = log_path.with_name(log_path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_output(log_path) as tmp, open(tmp, "w", newline="") as f:
         csv.writer(f).writerows(kept)
-    os.replace(tmp, log_path)
 
 
 def load_for_resume(ckpt_path: Path, move_aside: bool = True):
@@ -396,12 +443,19 @@ class LossOf(nn.Module):
 
 
 @torch.no_grad()
-def validate(model: SaShiMi, batches, device, precision: str, distributed: bool) -> dict:
-    """Mean NLL in bits per sample, overall and per channel, over the fixed validation crops."""
+def validate(model: SaShiMi, batches, device, precision: str, distributed: bool,
+             stop: StopRequest | None = None, step: int = 0) -> dict | None:
+    """Mean NLL in bits per sample, overall and per channel, over the fixed validation crops;
+    None when a stop request came in meanwhile (not under DDP, where every rank must finish)."""
     model.eval()
     C = model.cfg.channels
     sums = torch.zeros(C + 3, dtype=torch.float64, device=device)  # per channel, count, crops, sum sq
-    for batch in batches:
+    for i, batch in enumerate(batches):
+        if i == min(1, len(batches) - 1):   # mid-validation when there are two batches or more
+            pause_point("validation", step, stop)
+        if stop is not None and stop.requested and not distributed:
+            model.train()
+            return None
         batch = batch.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             nll = model.nll_bits(batch).float()
@@ -427,14 +481,17 @@ def validate(model: SaShiMi, batches, device, precision: str, distributed: bool)
     return result
 
 
-class StopFlag:
-    """First Ctrl-C or SIGTERM (what SLURM, Kubernetes and `timeout` send on preemption): finish
-    the step, write a checkpoint, exit non-zero (130 / 143). A second one: stop at once."""
+class StopRequest:
+    """Ctrl-C or SIGTERM (what SLURM, Kubernetes and `timeout` send on preemption), as a request
+    the training loop acts on. The handler only records it: the loop polls `requested` between
+    phases (data, step, validation, checkpoint, sample), abandons validation or a sample in
+    progress, writes the checkpoint of the last completed step and exits 130 / 143. A second
+    signal stops at once (KeyboardInterrupt); the run then says which checkpoint is on disk."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.stop = False
+        self.requested = False
         self.signum: int | None = None
         self._previous: dict = {}
 
@@ -449,17 +506,33 @@ class StopFlag:
         return 128 + (self.signum or signal.SIGINT)
 
     def _handle(self, signum, frame):
-        if self.stop:
+        if self.requested:
             raise KeyboardInterrupt
-        self.stop = True
+        self.requested = True
         self.signum = signum
         name = "interrupted" if signum == signal.SIGINT else f"{signal.Signals(signum).name} received"
-        print(f"\n{name}: finishing this step and writing a checkpoint (send it again to abort)",
-              file=sys.stderr)
+        print(f"\n{name}: stopping after the current step and writing its checkpoint (send it again to "
+              f"stop at once)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
+
+
+PAUSE_ENV = "SASHIMI_TEST_PAUSE_AT"
+
+
+def pause_point(phase: str, step: int, stop: StopRequest | None) -> None:
+    """For the signal tests: with SASHIMI_TEST_PAUSE_AT=<phase>@<step>, wait here (up to 60 s)
+    until a stop is requested, so that a test can deliver a real signal inside any phase;
+    <phase>@<step>! waits on after it (for a second signal)."""
+    wanted = os.environ.get(PAUSE_ENV, "")
+    if wanted.rstrip("!") != f"{phase}@{step}" or stop is None:
+        return
+    print(f"paused in {phase} at step {step}", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + 60
+    while (wanted.endswith("!") or not stop.requested) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def threading_main() -> bool:
@@ -485,8 +558,18 @@ def run(args) -> int:
     out = Path(args.out)
     if main:
         check_out_dir(out)
+    from sashimi.data import DataError
     with RunLock(out) if main else contextlib.nullcontext():
-        return _run_locked(args, device, distributed, rank, world, main, out)
+        try:
+            return _run_locked(args, device, distributed, rank, world, main, out)
+        except DataError as exc:   # e.g. data that is all NaN: every crop is unusable
+            raise UserError(data_error_line(exc)) from None
+
+
+def data_error_line(exc: Exception) -> str:
+    """A DataError's one line (re-raised from a DataLoader worker its text ends with it)."""
+    last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    return last.split("DataError: ", 1)[-1]
 
 
 def _run_locked(args, device, distributed, rank, world, main, out: Path) -> int:
@@ -496,7 +579,7 @@ def _run_locked(args, device, distributed, rank, world, main, out: Path) -> int:
     if main:
         checkpoint.remove_stale_temporaries(out, CHECKPOINT_NAME)
 
-    saved = None
+    saved = used_path = None
     changes: list[str] = []
     resumes: list[dict] = []
     if args.resume:
@@ -514,7 +597,8 @@ def _run_locked(args, device, distributed, rank, world, main, out: Path) -> int:
     model_cfg = dataclasses.replace(model_cfg, kernel_backend="reference" if device.type == "cpu" else "auto")
     if main:
         warn_big_softmax(model_cfg)
-    check_batch_fits(model_cfg, train_cfg.batch_size, device)
+    check_train_flags(args, model_cfg, train_cfg)
+    check_run_fits(model_cfg, train_cfg, device)
     if train_cfg.deterministic:
         # bitwise-repeatable: deterministic kernels (the embedding's backward sums in a fixed
         # order), cuBLAS's fixed workspace, and one CPU thread (OpenMP reductions vary with it)
@@ -529,10 +613,6 @@ def _run_locked(args, device, distributed, rank, world, main, out: Path) -> int:
     try:
         crops = dict(sample_rate=model_cfg.sample_rate, channels=model_cfg.channels,
                      crop_frames=model_cfg.seq_len + 1, quantizer=quantizer, seed=train_cfg.seed)
-        if train_cfg.val_crops < 1:
-            raise UserError(f"--val-crops must be >= 1, got {train_cfg.val_crops}")
-        if train_cfg.val_data is not None and train_cfg.data is None:
-            raise UserError("--val-data needs --data (the built-in synthetic music has its own held-out clips)")
         held_out = train_cfg.val_data is not None
         train_set = AudioCrops(train_cfg.data, split="train", whole=held_out, **crops)
         valid_set = AudioCrops(train_cfg.val_data if held_out else train_cfg.data, split="valid",
@@ -546,6 +626,10 @@ def _run_locked(args, device, distributed, rank, world, main, out: Path) -> int:
     if saved is None:
         start_step = 0
     else:
+        mismatch = checkpoint.state_dict_mismatch(model.state_dict(), saved["model"]) \
+            if isinstance(saved["model"], dict) else "no model weights"
+        if mismatch:
+            raise UserError(f"--resume: the checkpoint does not fit this model: {mismatch}")
         try:
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
@@ -584,8 +668,6 @@ def _run_locked(args, device, distributed, rank, world, main, out: Path) -> int:
             tokens_seen=step * train_cfg.batch_size * world * model_cfg.samples, resumes=resumes),
             keep_previous=True)
 
-    if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads must be >= 1, got {args.threads}")
     threads, workers = cpu_plan(device, train_cfg.data is None, args.num_workers, args.threads,
                                 int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     if threads is not None and not train_cfg.deterministic:
@@ -612,13 +694,16 @@ def _run_locked(args, device, distributed, rank, world, main, out: Path) -> int:
     if main and args.resume and log_path.exists():
         trim_log(log_path, start_step)  # rows written after the checkpoint are written again
     elif main:
-        with open(log_path, "w", newline="") as f:
+        with atomic_output(log_path) as tmp, open(tmp, "w", newline="") as f:
             csv.DictWriter(f, fields).writeheader()
 
     def log_row(row: dict) -> None:
         if main:
-            with open(log_path, "a", newline="") as f:
-                csv.DictWriter(f, fields, extrasaction="ignore").writerow(row)
+            try:   # appended row by row (a killed run keeps its rows; resume trims them)
+                with open(log_path, "a", newline="") as f:
+                    csv.DictWriter(f, fields, extrasaction="ignore").writerow(row)
+            except OSError as exc:   # a full disk mid-run: one line; the last checkpoint stays
+                raise write_error(log_path, exc) from None
 
     from tqdm.auto import tqdm
     bar = tqdm(total=train_cfg.steps, initial=start_step, disable=not main, unit="step",
@@ -630,63 +715,100 @@ def _run_locked(args, device, distributed, rank, world, main, out: Path) -> int:
     loss_acc = torch.zeros((), device=device)
     step = start_step
     status = 0
+    # the step of the checkpoint at ckpt_path, so that what is printed is what is on disk
+    saved_step = start_step if saved is not None and used_path == ckpt_path else None
+
+    def save_now() -> None:
+        nonlocal saved_step
+        pause_point("checkpoint", step, stop)
+        save(step)
+        saved_step = step
+
+    def stopping_now() -> bool:
+        """The stop request as the loop acts on it: under DDP every rank must stop at the same
+        step, so the ranks agree (an all-reduce) at each log step, where the host syncs anyway."""
+        if not distributed:
+            return stop.requested
+        if step % log_every:
+            return False
+        flag = torch.tensor([int(stop.requested)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     model.train()
-    with StopFlag() as stop:
-        while step < train_cfg.steps:
-            with nvtx_range("sashimi/train/data"):
-                batch = next(batches)
-                check_tokens(batch, model_cfg.levels, "training data")
-                batch = batch.to(device, non_blocking=True)
-            for g in optimizer.param_groups:
-                g["lr"] = g["base_lr"] * lr_factor(step, train_cfg)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=train_cfg.precision == "bf16"):
-                with nvtx_range("sashimi/train/forward"):
-                    loss = step_fn(batch).float().mean()
-            with nvtx_range("sashimi/train/backward"):
-                loss.backward()
-            if train_cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
-            with nvtx_range("sashimi/train/optimizer"):
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                for layer in s4_layers:
-                    layer.clamp_()
-            loss_acc += loss.detach()
-            step += 1
-            window_steps += 1
-            last = step == train_cfg.steps or stop.stop
-            ckpt_due = step % train_cfg.checkpoint_every == 0 or last
-            val_due = step % train_cfg.val_every == 0 or last
-            # the loss is checked (one host sync) before anything is validated or saved
-            if step % log_every == 0 or ckpt_due or val_due:
-                mean_loss = (loss_acc / window_steps).item()  # one host sync per log interval
-                diverged = diverged_reason(mean_loss, model_cfg, model if ckpt_due else None)
-                if diverged:
-                    bar.close()
-                    print(f"stopping: {diverged} at step {step}; the last checkpoint from before it is kept at "
-                          f"{ckpt_path if ckpt_path.exists() else '(none yet)'}", file=sys.stderr)
-                    status = 3
+    stopping = False
+    with StopRequest() as stop:
+        try:
+            while step < train_cfg.steps and not stopping and not (stop.requested and not distributed):
+                pause_point("data", step, stop)
+                with nvtx_range("sashimi/train/data"):
+                    batch = next(batches)
+                    check_tokens(batch, model_cfg.levels, "training data")
+                    batch = batch.to(device, non_blocking=True)
+                if stop.requested and not distributed:
                     break
-                now = time.perf_counter()
-                tps = window_steps * tokens_per_step / (now - window_t)
-                bar.set_postfix(loss=f"{mean_loss:.3f}", bits=f"{mean_loss:.3f}", tok_s=f"{tps:,.0f}")
-                bar.update(window_steps)
-                log_row(dict(step=step, elapsed_s=f"{now - t0:.1f}", train_bits=f"{mean_loss:.4f}",
-                             tokens_per_s=f"{tps:.0f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}"))
-                loss_acc.zero_()
-                window_t, window_steps = now, 0
-            if val_due and has_val:
-                val = validate(model, val_data, device, train_cfg.precision, distributed)
-                if main:
-                    bar.write(f"step {step}: validation " + ", ".join(f"{k} {v:.3f}" for k, v in val.items()))
-                    log_row(dict(step=step, elapsed_s=f"{time.perf_counter() - t0:.1f}", **{k: f"{v:.4f}" for k, v in val.items()}))
-            if main and ckpt_due:
-                save(step)
-            if main and train_cfg.sample_every and (step % train_cfg.sample_every == 0):
-                write_training_sample(model, out, step, train_cfg.sample_seconds, quantizer, bar)
-            if stop.stop:
+                for g in optimizer.param_groups:
+                    g["lr"] = g["base_lr"] * lr_factor(step, train_cfg)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=train_cfg.precision == "bf16"):
+                    with nvtx_range("sashimi/train/forward"):
+                        loss = step_fn(batch).float().mean()
+                pause_point("step", step, stop)
+                with nvtx_range("sashimi/train/backward"):
+                    loss.backward()
+                if train_cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+                with nvtx_range("sashimi/train/optimizer"):
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    for layer in s4_layers:
+                        layer.clamp_()
+                loss_acc += loss.detach()
+                step += 1
+                window_steps += 1
+                last = step == train_cfg.steps
+                stopping = stopping_now()
+                ckpt_due = step % train_cfg.checkpoint_every == 0 or last or stopping
+                val_due = step % train_cfg.val_every == 0 or last
+                # the loss is checked (one host sync) before anything is validated or saved
+                if step % log_every == 0 or ckpt_due or val_due:
+                    mean_loss = (loss_acc / window_steps).item()  # one host sync per log interval
+                    diverged = diverged_reason(mean_loss, model_cfg, model if ckpt_due else None)
+                    if diverged:
+                        bar.close()
+                        print(f"stopping: {diverged} at step {step}; the last checkpoint from before it is kept at "
+                              f"{ckpt_path if ckpt_path.exists() else '(none yet)'}", file=sys.stderr)
+                        status = 3
+                        break
+                    now = time.perf_counter()
+                    tps = window_steps * tokens_per_step / (now - window_t)
+                    bar.set_postfix(loss=f"{mean_loss:.3f}", bits=f"{mean_loss:.3f}", tok_s=f"{tps:,.0f}")
+                    bar.update(window_steps)
+                    log_row(dict(step=step, elapsed_s=f"{now - t0:.1f}", train_bits=f"{mean_loss:.4f}",
+                                 tokens_per_s=f"{tps:.0f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}"))
+                    loss_acc.zero_()
+                    window_t, window_steps = now, 0
+                if val_due and has_val and not stopping:
+                    val = validate(model, val_data, device, train_cfg.precision, distributed, stop, step)
+                    if main and val is not None:
+                        bar.write(f"step {step}: validation " + ", ".join(f"{k} {v:.3f}" for k, v in val.items()))
+                        log_row(dict(step=step, elapsed_s=f"{time.perf_counter() - t0:.1f}", **{k: f"{v:.4f}" for k, v in val.items()}))
+                if main and (ckpt_due or stop.requested):   # a request after the step: saved now
+                    save_now()
+                if main and train_cfg.sample_every and step % train_cfg.sample_every == 0 and not stop.requested:
+                    write_training_sample(model, out, step, train_cfg.sample_seconds, quantizer, bar, stop)
+            if (stopping or stop.requested) and status == 0:
+                # the safe point: whatever phase the signal hit, the last completed step is saved
+                if main and saved_step != step:
+                    save_now()
                 status = stop.exit_code
-                break
+        except UserError:           # e.g. a disk that fills: the one line starts on its own line
+            bar.close()
+            raise
+        except KeyboardInterrupt:   # a second signal: stop at once and say what is on disk
+            bar.close()
+            saved_step = step_on_disk(ckpt_path) if main else None
+            print(f"stopped at once during step {step + 1}", file=sys.stderr)
+            status = stop.exit_code if stop.requested else 130
     bar.close()
     if distributed:
         same = ranks_agree(model)
@@ -696,9 +818,19 @@ def _run_locked(args, device, distributed, rank, world, main, out: Path) -> int:
         if not same:
             status = status or 4
     if main and status in (0, 130, 143):
-        print(f"checkpoint: {ckpt_path} (step {step})")
+        print(f"checkpoint: {ckpt_path} (step {saved_step})" if saved_step is not None
+              else f"checkpoint: none written (no step completed)")
         print(f"log: {log_path}")
     return status
+
+
+def step_on_disk(ckpt_path: Path) -> int | None:
+    """The step of the checkpoint at ckpt_path, or None when there is none that loads."""
+    try:
+        step = checkpoint.load(ckpt_path).get("step")
+    except CheckpointError:
+        return None
+    return step if isinstance(step, int) else None
 
 
 def diverged_reason(mean_loss: float, cfg: ModelConfig, model: nn.Module | None) -> str | None:
@@ -724,19 +856,24 @@ def ranks_agree(model: nn.Module) -> bool:
     return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
-def write_training_sample(model: SaShiMi, out: Path, step: int, seconds: float, quantizer, bar) -> None:
-    """A short unconditional sample from the current weights (--sample-every)."""
-    try:
-        from sashimi.generate import generate_audio, write_wav
-    except ImportError:  # generation not available in this build
-        return
+def write_training_sample(model: SaShiMi, out: Path, step: int, seconds: float, quantizer, bar,
+                          stop: StopRequest | None = None) -> None:
+    """A short unconditional sample from the current weights (--sample-every); abandoned (no
+    file) when a stop is requested meanwhile."""
+    from sashimi.generate import GenerationStopped, generate_audio, write_wav
     was_training = model.training
     model.eval()
-    audio, _ = generate_audio(model, frames=int(seconds * model.cfg.sample_rate), batch=1,
-                              quantizer=quantizer, progress=False)
+    try:
+        pause_point("sample", step, stop)
+        audio, _ = generate_audio(model, frames=max(1, round(seconds * model.cfg.sample_rate)), batch=1,
+                                  quantizer=quantizer, progress=False,
+                                  should_stop=None if stop is None else (lambda: stop.requested))
+    except GenerationStopped:
+        return
+    finally:
+        model.train(was_training)
     path = write_wav(out / "samples" / f"step{step:07d}.wav", audio[0], model.cfg.sample_rate)
     bar.write(f"step {step}: sample {path}")
-    model.train(was_training)
 
 
 def main(argv=None) -> int:

@@ -151,7 +151,7 @@ def test_save_is_atomic_and_keeps_the_previous(tmp_path):
     checkpoint.save(path, dict(step=2), keep_previous=True)
     assert checkpoint.load(path)["step"] == 2
     assert checkpoint.load(checkpoint.previous_path(path))["step"] == 1
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert not list(tmp_path.glob(".*.tmp*"))
     assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
     with pytest.raises(TypeError, match="plain data"):
         checkpoint.save(path, dict(step=3, bad=object()))

@@ -79,7 +79,7 @@ TRAIN_ROWS = [
     ("sample-rate-0", lambda c: _new(c, "--sample-rate", "0"), "--sample-rate must be >= 1"),
     ("n-mixtures-0", lambda c: _new(c, "--head", "dml", "--n-mixtures", "0"), "--n-mixtures must be >= 1"),
     ("n-mixtures-negative", lambda c: _new(c, "--n-mixtures", "-3"), "--n-mixtures must be >= 1"),
-    ("seed-negative", lambda c: _new(c, "--seed", "-1"), "--seed must be >= 0"),
+    ("seed-negative", lambda c: _new(c, "--seed", "-1"), "--seed must be in [0,"),
     ("num-workers-negative", lambda c: _new(c, "--num-workers", "-1"), "--num-workers must be >= 0"),
     ("sample-every-negative", lambda c: _new(c, "--sample-every", "-1"), "--sample-every must be >= 0"),
     ("sample-seconds-0", lambda c: _new(c, "--sample-seconds", "0"), "--sample-seconds must be"),
@@ -106,6 +106,27 @@ TRAIN_ROWS = [
     ("frames-mono", lambda c: ["--steps", "2", *FAST, "--out", str(c.tmp / "new"), "--stereo-layout", "frames"],
      "needs stereo"),
     ("frames-tied", lambda c: _new(c, "--stereo-layout", "frames", "--tie-weights"), "interleave layout"),
+    # bounded from above, finite, non-empty
+    ("seed-2**70", lambda c: _new(c, "--seed", str(2 ** 70)), "--seed must be in [0,"),
+    ("data-empty", lambda c: _new(c, "--data", ""), "--data must not be empty"),
+    ("val-data-empty", lambda c: _new(c, "--val-data", ""), "--val-data must not be empty"),
+    ("out-empty", lambda c: ["--steps", "2", *FAST, "--out", ""], "--out must not be empty"),
+    ("lr-inf", lambda c: _new(c, "--lr", "inf"), "--lr must be a finite number"),
+    ("sample-seconds-nan", lambda c: _new(c, "--sample-seconds", "nan"), "--sample-seconds must be a finite"),
+    ("sample-seconds-below-one-sample", lambda c: _new(c, "--sample-every", "1", "--sample-seconds", "1e-6"),
+     "less than one sample"),
+    ("val-crops-1e7", lambda c: _new(c, "--val-crops", "10000000"), "--val-crops must be <="),
+    ("val-crops-0", lambda c: _new(c, "--val-crops", "0"), "--val-crops must be >= 1"),
+    ("threads-100000", lambda c: _new(c, "--threads", "100000"), "--threads must be <="),
+    ("threads-0", lambda c: _new(c, "--threads", "0"), "--threads must be >= 1"),
+    ("num-workers-1000", lambda c: _new(c, "--num-workers", "1000"), "--num-workers must be <="),
+    ("n-mixtures-1e6", lambda c: _new(c, "--head", "dml", "--n-mixtures", "1000000"), "n_mixtures must be an integer in"),
+    ("sample-rate-1e9", lambda c: _new(c, "--sample-rate", "1000000000"), "sample_rate must be an integer in"),
+    ("seq-len-2**31", lambda c: _new(c, "--seq-len", str(2 ** 31)), "seq_len must be an integer in"),
+    ("resume-forged-train-config", _resume(lambda c: c.forged_run(lambda p: p["train_config"].update(steps="9"))),
+     "unusable train_config: steps='9'"),
+    ("resume-mismatched-weights", _resume(lambda c: c.forged_run(lambda p: p["model"].pop("embedding.weight"))),
+     "missing embedding.weight"),
 ]
 
 
@@ -155,10 +176,19 @@ GENERATE_ROWS = [
     ("temperature-nan", lambda c: ["--temperature", "nan"], "--temperature must be"),
     ("temperature-inf", lambda c: ["--temperature", "inf"], "--temperature must be"),
     ("top-p-nan", lambda c: ["--top-p", "nan"], "--top-p must be"),
-    ("batch-too-big", lambda c: ["--batch", "10000000000"], "needs at least"),
+    ("batch-too-big", lambda c: ["--batch", "10000000000"], "--batch must be <="),
     ("prompt-missing", lambda c: ["--prompt", str(c.tmp / "nope.wav")], "not found"),
     ("prompt-nan", lambda c: ["--prompt", str(c.nan_prompt())], "NaN"),
     ("checkpoint-missing", lambda c: ["--checkpoint", str(c.tmp / "nope.pt")], "not found"),
+    ("checkpoint-empty", lambda c: ["--checkpoint", ""], "--checkpoint must not be empty"),
+    ("checkpoint-folder", lambda c: ["--checkpoint", str(c.tmp)], "is a folder"),
+    ("prompt-empty", lambda c: ["--prompt", ""], "--prompt must not be empty"),
+    ("prompt-folder", lambda c: ["--prompt", str(c.tmp)], "is a folder"),
+    ("out-empty", lambda c: ["--out", ""], "--out must not be empty"),
+    ("seed-2**70", lambda c: ["--seed", str(2 ** 70)], "--seed must be in [0,"),
+    ("seed-negative", lambda c: ["--seed", "-1"], "--seed must be in [0,"),
+    ("batch-200000", lambda c: ["--batch", "200000"], "--batch must be <="),
+    ("seconds-1e300", lambda c: ["--seconds", "1e300"], "needs at least"),
 ]
 
 
@@ -171,6 +201,51 @@ def test_generate_mistakes(ctx, capsys, row):
     _check_one_line(capsys, rc, expected)
     assert not list(ctx.tmp.rglob("*.wav")) or "prompt-nan" in row[0]
     assert not (ctx.tmp / "wavs").exists() or not list((ctx.tmp / "wavs").iterdir())
+
+
+EVALUATE_ROWS = [
+    ("seconds-nan", ["--seconds", "nan"], "--seconds must be a finite number"),
+    ("seconds-inf", ["--seconds", "inf"], "--seconds must be a finite number"),
+    ("seconds-1e7", ["--seconds", "1e7"], "--seconds must be <="),
+    ("seconds-negative", ["--seconds", "-1"], "--seconds and --offset must be >= 0"),
+    ("offset-nan", ["--offset", "nan"], "--offset must be a finite number"),
+    ("excerpts-per-file-1e9", ["--excerpts-per-file", "1000000000"], "--excerpts-per-file must be <="),
+    ("clips-1e6", ["--clips", "1000000"], "--clips must be <="),
+    ("block-0", ["--block", "0"], ">= 1"),
+    ("data-empty", ["--data", ""], "--data must not be empty"),
+    ("out-empty", ["--out", ""], "--out must not be empty"),
+    ("memory", ["--seconds", "86400", "--clips", "100000"], "needs at least"),
+]
+
+
+@pytest.mark.parametrize("row", EVALUATE_ROWS, ids=[r[0] for r in EVALUATE_ROWS])
+def test_evaluate_mistakes(ctx, capsys, row):
+    from sashimi.evaluate import main as evaluate_main
+    _, extra, expected = row
+    rc = evaluate_main(["--checkpoint", str(ctx.ckpt), "--device", "cpu", "--quiet", "--out", str(ctx.tmp / "eval"),
+                        *extra])
+    _check_one_line(capsys, rc, expected)
+    assert not (ctx.tmp / "eval" / "summary.json").exists()
+
+
+def test_resume_compares_data_by_resolved_path_and_val_data_equal_to_data_warns(tmp_path, monkeypatch, capsys):
+    """The same relative --data from another folder is other audio: refused. --val-data equal
+    to --data validates on training audio: a warning."""
+    for where in ("a", "b"):
+        audio = tmp_path / where / "audio"
+        audio.mkdir(parents=True)
+        rng = np.random.default_rng(len(where) + ord(where))
+        for i in range(6):
+            sf.write(str(audio / f"{i}.wav"), 0.1 * rng.standard_normal((4000, 2)).astype(np.float32), 16000)
+    run = tmp_path / "run"
+    monkeypatch.chdir(tmp_path / "a")
+    assert train_main(["--stereo", "--data", "audio", "--val-data", "audio", "--steps", "1", *FAST,
+                       "--out", str(run)]) == 0
+    assert "--val-data is --data" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path / "b")
+    rc = train_main(["--stereo", "--data", "audio", "--val-data", "audio", "--steps", "2", *FAST,
+                     "--out", str(run), "--resume"])
+    _check_one_line(capsys, rc, "cannot change mid-run: --data")
 
 
 def test_generate_never_overwrites_without_asking(ctx, capsys):

@@ -50,8 +50,10 @@ def _result(out: Path) -> dict:
 def test_dry_run_every_stage_ok(dry_run):
     d = _result(dry_run)
     assert d["dry_run"] is True and d["exit_code"] == 0
-    assert list(d["stages"]) == ["setup", "precompile", "facts", "headline", "tests", "profile",
+    assert list(d["stages"]) == ["setup", "precompile", "facts", "headline", "codec", "tests", "profile",
                                  "bench"]
+    codec = d["codec"]["round_trip"]["tiny"]
+    assert codec["round_trip"] is True and codec["encode_samples_per_s"] > 0, codec
     for name, st in d["stages"].items():
         assert st["status"] == "ok", (name, st)
         assert st["wall_s"] is not None and st["wall_s"] <= st["box_s"] + 10, (name, st)

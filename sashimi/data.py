@@ -1,13 +1,14 @@
 """The audio data pipeline: files -> float audio at the model's rate -> int64 tokens -> batches.
 
 - `read_audio` reads one crop of one file (soundfile: open, seek, read only the frames needed,
-  plus a small margin for the resampler), resamples it to the model's rate with torchaudio's
-  sinc resampler (skipped when the rates match) and applies the channel policy: mono = mean of
-  the file's channels; stereo = both channels, a mono file duplicated, > 2 channels: the first
-  two (each with a warning, once per file).
-  A crop is sample-for-sample what resampling the whole file would give (the read is aligned to
-  the resampler's period and carries its filter support), so crops of one file agree wherever
-  they overlap and the crop boundaries are not special.
+  plus a margin for the resampler), applies the channel policy (mono = mean of the file's
+  channels; stereo = both channels, a mono file duplicated, > 2 channels: the first two, each
+  with a warning, once per file) and resamples to the model's rate with soxr, the SoX
+  resampler, at its "HQ" setting (skipped when the rates match). soxr does not depend on
+  torch, so every install resamples the same way.
+  A crop is what resampling the whole file gives, sliced, to float32 rounding (<= 3e-7 measured;
+  the read is aligned to the resampler's period and carries its impulse response), so crops of
+  one file agree wherever they overlap and the crop boundaries are not special.
 - `SyntheticStereoMusic`: the built-in, deterministic source (panned notes and chords with ADSR
   envelopes, noise bursts, an inter-channel delay), used when no data folder is given.
 - `AudioCrops`: a map-style Dataset of token crops (crop_frames, C) from a folder (scanned
@@ -35,8 +36,8 @@ from typing import Iterator
 
 import numpy as np
 import soundfile as sf
+import soxr
 import torch
-import torchaudio
 
 from sashimi.quantize import Quantizer
 
@@ -102,32 +103,36 @@ def audio_info(path) -> tuple[int, int, int]:
     return int(info.frames), int(info.samplerate), int(info.channels)
 
 
-_resamplers: dict[tuple[int, int], torchaudio.transforms.Resample] = {}
-_resamplers_lock = threading.Lock()
+# soxr's "HQ" (its default, and librosa's): 20-bit precision, computed in float32. One setting
+# for every install, so that training data do not depend on the environment.
+RESAMPLER_QUALITY = "HQ"
 
 
-def _resampler(orig: int, new: int) -> torchaudio.transforms.Resample:
-    """torchaudio's sinc resampler with its kernel built once per (orig, new) and process.
-    dtype=float32 builds the kernel exactly as torchaudio.functional.resample does for float32
-    audio, so the two agree bit for bit."""
-    key = (orig, new)
-    res = _resamplers.get(key)
-    if res is None:
-        with _resamplers_lock:
-            res = _resamplers.get(key)
-            if res is None:
-                res = torchaudio.transforms.Resample(orig, new, dtype=torch.float32)
-                _resamplers[key] = res
-    return res
+@functools.lru_cache(maxsize=None)
+def _resampling(orig: int, new: int) -> tuple[int, int, int]:
+    """(o, n, support) for resampling orig Hz -> new Hz: o input frames make n output frames
+    (the reduced ratio; output frame k sits at input time k o / n), and an output frame depends
+    on the inputs within `support` frames of its time. The support is measured once per pair
+    of rates from the resampler's impulse response (where it exceeds 1e-9 of its peak; soxr's
+    filters depend on the ratio), plus a quarter and one block (o frames) for safety."""
+    g = math.gcd(orig, new)
+    o, n = orig // g, new // g
+    span = 40 * max(1, -(-orig // new)) * 1024  # input frames: far beyond any soxr filter
+    impulse = np.zeros(2 * span, dtype=np.float64)
+    impulse[span] = 1.0
+    response = np.abs(soxr.resample(impulse, orig, new, quality=RESAMPLER_QUALITY))
+    k = np.nonzero(response > 1e-9 * response.max())[0]
+    reach = max(span - k[0] * orig / new, k[-1] * orig / new - span)
+    return o, n, int(math.ceil(1.25 * reach)) + o
 
 
 def model_frames(file_frames: int, file_rate: int, sample_rate: int) -> int:
     """Length at the model's rate of a file of `file_frames` frames at `file_rate`: the length
-    torchaudio's resampler gives, ceil(file_frames * sample_rate / file_rate)."""
+    the resampler gives, floor(file_frames * sample_rate / file_rate)."""
     if file_rate == sample_rate:
         return file_frames
     g = math.gcd(file_rate, sample_rate)
-    return -(-file_frames * (sample_rate // g) // (file_rate // g))
+    return file_frames * (sample_rate // g) // (file_rate // g)
 
 
 def _apply_channels(x: torch.Tensor, channels: int, path, warn: bool) -> torch.Tensor:
@@ -229,25 +234,24 @@ def _read(path, sample_rate: int, channels: int, start: int, frames: int | None,
         if rate == sample_rate:
             a, b = start, start + frames
         else:
-            res = _resampler(rate, sample_rate)
-            o, n = rate // res.gcd, sample_rate // res.gcd
-            # Output block m (n outputs) reads inputs [m o - width, (m + 1) o + width): start
-            # the read on a block boundary far enough back, end it past the filter support.
-            margin_blocks = -(-res.width // o)
+            o, n, support = _resampling(rate, sample_rate)
+            # Output block m (n outputs) reads inputs [m o - support, (m + 1) o + support):
+            # start the read on a block boundary (where the resampler's phase is that of the
+            # whole file) far enough back, and end it past the support.
             m0, m1 = start // n, (start + frames - 1) // n
-            a = max(0, m0 - margin_blocks) * o
-            b = min(n_file, (m1 + 1) * o + res.width)
+            a = max(0, m0 - -(-support // o)) * o
+            b = min(n_file, (m1 + 1) * o + support)
         data = _seek_read(f, path, a, b - a)
     _warn_if_beyond_full_scale(data, path)
     x = _apply_channels(torch.from_numpy(data), channels, path, warn)
     if rate == sample_rate:
         return x.contiguous()
-    y = _resampler(rate, sample_rate)(x.t().contiguous())  # (C, T)
+    y = soxr.resample(np.ascontiguousarray(x.numpy()), rate, sample_rate, quality=RESAMPLER_QUALITY)
     off = start - a // o * n
-    y = y[:, off:off + frames]
-    if y.shape[1] != frames:  # cannot happen unless the header lied about the length
-        raise DataError(f"{path}: resampled crop has {y.shape[1]} frames, expected {frames}")
-    return y.t().contiguous()
+    y = y[off:off + frames]
+    if y.shape[0] != frames:  # cannot happen unless the header lied about the length
+        raise DataError(f"{path}: resampled crop has {y.shape[0]} frames, expected {frames}")
+    return torch.from_numpy(y)
 
 
 def read_audio(path, sample_rate: int, channels: int, start: int = 0,
@@ -255,7 +259,7 @@ def read_audio(path, sample_rate: int, channels: int, start: int = 0,
     """Read `frames` frames (all of them when None) from frame `start`, both counted at the
     model's rate `sample_rate`, as float32 (frames, channels) in the file's scale ([-1, 1] for
     PCM). Only the needed part of the file is decoded. The result equals
-    torchaudio.functional.resample of the whole file, sliced. Raises DataError for unreadable,
+    soxr.resample of the whole file (quality RESAMPLER_QUALITY), sliced, to float32 rounding. Raises DataError for unreadable,
     truncated or corrupt files and for a range beyond the file's end."""
     sample_rate = _positive_int(sample_rate, "sample_rate")
     if channels not in (1, 2):

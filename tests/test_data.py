@@ -4,7 +4,8 @@ Real files are written with soundfile into a temporary folder: 44.1 kHz stereo F
 (Vorbis), 48 kHz mono 16-bit WAV, a 4-channel WAV, an upper-case .WAV, nested folders, and
 the files that must be skipped (too short, truncated FLAC, random bytes, empty, zero frames).
 The oracle for the audio is the whole file decoded by soundfile and resampled by
-torchaudio.functional.resample, sliced.
+soxr.resample (the pipeline's resampler and setting), sliced; the resampler itself is checked
+against pure tones, whose resampled values are known in closed form.
 """
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ import warnings
 import numpy as np
 import pytest
 import soundfile as sf
+import soxr
 import torch
-import torchaudio
 
-from sashimi.data import (AudioCrops, DataError, SyntheticStereoMusic, audio_info, read_audio,
-                          train_batches, valid_batches)
+from sashimi.data import (RESAMPLER_QUALITY, AudioCrops, DataError, SyntheticStereoMusic, audio_info,
+                          model_frames, read_audio, train_batches, valid_batches)
 from sashimi.quantize import Quantizer
 
 RATE = 16000   # the model's rate in most tests
@@ -52,7 +53,7 @@ def whole(path, rate: int, channels: int) -> torch.Tensor:
         x = x[:, :2]
     file_rate = sf.info(str(path)).samplerate
     if file_rate != rate:
-        x = torchaudio.functional.resample(x.t().contiguous(), file_rate, rate).t()
+        x = torch.from_numpy(soxr.resample(x.contiguous().numpy(), file_rate, rate, quality=RESAMPLER_QUALITY))
     return x.contiguous()
 
 
@@ -237,6 +238,35 @@ def test_crops_equal_the_whole_file_resampled(folder, name, rate):
                 err = (crop - ref[a:a + m]).abs().max().item()
                 assert err <= 1e-5, f"crop [{a}, {a + m}) of {n}: max error {err:.2e}"
     assert ref.abs().max() > 0.1  # not silence
+
+
+def _tones(rate: int, frames: int, freqs: tuple[float, ...], amps: tuple[float, ...]) -> np.ndarray:
+    t = np.arange(frames) / rate
+    return sum(a * np.sin(2 * np.pi * f * t + i) for i, (f, a) in enumerate(zip(freqs, amps)))
+
+
+@pytest.mark.parametrize("file_rate,rate", [(44100, 16000), (48000, 22050), (22050, 16000),
+                                            (16000, 44100), (96000, 8000)])
+def test_resampling_keeps_tones_below_the_new_nyquist_and_removes_those_above(tmp_path, file_rate, rate):
+    """Checked against the closed form, not against a resampler: tones below the model's
+    Nyquist come out as the same tones sampled at the model's rate (to 1e-5; measured ~5e-7),
+    a tone above it is removed (< 1e-5 of amplitude 0.5: measured ~1e-7, -130 dB), away from
+    the file's ends (20th of a second), where the filter sees the file's edges. The length is
+    model_frames."""
+    n = file_rate  # one second
+    below = (440.0, 0.2 * min(rate, file_rate)), (0.4, 0.3)
+    sf.write(tmp_path / "below.wav", _tones(file_rate, n, *below).astype(np.float32), file_rate, subtype="FLOAT")
+    x = read_audio(tmp_path / "below.wav", rate, 1)[:, 0].double()
+    m = model_frames(n, file_rate, rate)
+    assert x.shape == (m,) and m == n * rate // file_rate
+    edge = rate // 20
+    want = torch.from_numpy(_tones(rate, m, *below))
+    assert (x - want)[edge:-edge].abs().max() < 1e-5
+    if 0.6 * rate < 0.45 * file_rate:
+        sf.write(tmp_path / "above.wav", _tones(file_rate, n, (0.6 * rate,), (0.5,)).astype(np.float32),
+                 file_rate, subtype="FLOAT")
+        y = read_audio(tmp_path / "above.wav", rate, 1)
+        assert y[edge:-edge].abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("q", [Quantizer("mu-law", 8), Quantizer("linear", 16)], ids=["mu8", "lin16"])

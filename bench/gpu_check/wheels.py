@@ -3,9 +3,9 @@
     python -m bench.gpu_check.wheels [--dest wheels] [--python-version 3.12] [--check]
 
 The device image (torch 2.11, triton 3.6, torchaudio 2.11, Python 3.12) lacks soundfile (with
-cffi, pycparser), nvtx and constriction (the test stage imports it); hypothesis and
-pytest-benchmark (with py-cpuinfo2) travel pinned, since the derandomised hypothesis profile and
-the benchmark JSON depend on their versions. Versions come from constraints.txt. Carry the folder
+cffi, pycparser), soxr (the data pipeline's resampler), nvtx and constriction (the test stage
+imports it); hypothesis and pytest-benchmark (with py-cpuinfo2) travel pinned, since the
+derandomised hypothesis profile and the benchmark JSON depend on their versions. Versions come from constraints.txt. Carry the folder
 with the device call; `python -m bench.gpu_check` installs it first (pip --target, no network).
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 DEVICE_PYTHON = "3.12"
 # distribution names as in constraints.txt
-WHEELS = ("soundfile", "cffi", "pycparser", "nvtx", "constriction", "hypothesis", "sortedcontainers",
+WHEELS = ("soundfile", "cffi", "pycparser", "soxr", "nvtx", "constriction", "hypothesis", "sortedcontainers",
           "pytest-benchmark", "py-cpuinfo2")
 # on the device image already (KINDS.md, 2026-11-17), in versions that do for this package
 DEVICE_HAS = ("torch", "torchaudio", "triton", "numpy", "tqdm", "pytest", "pluggy", "iniconfig",
@@ -30,7 +30,7 @@ DEVICE_HAS = ("torch", "torchaudio", "triton", "numpy", "tqdm", "pytest", "plugg
 # each import in kernels/, sashimi/, bench/, tests/, profiles/, scripts/ is listed here and is
 # either carried or on the device)
 MODULES = {"torch": "torch", "torchaudio": "torchaudio", "triton": "triton", "numpy": "numpy",
-           "soundfile": "soundfile", "nvtx": "nvtx", "constriction": "constriction", "tqdm": "tqdm",
+           "soundfile": "soundfile", "soxr": "soxr", "nvtx": "nvtx", "constriction": "constriction", "tqdm": "tqdm",
            "hypothesis": "hypothesis", "pytest": "pytest", "pytest_benchmark": "pytest-benchmark",
            "cpuinfo": "py-cpuinfo2", "matplotlib": "matplotlib"}
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",

@@ -356,6 +356,21 @@ def decode_tokens(model: SaShiMi, streams: list[np.ndarray], chunks: Chunking, p
     return model.layout.from_model(torch.from_numpy(tokens)).numpy().astype(np.int32)
 
 
+def measure_round_trip(model: SaShiMi, tokens: np.ndarray, chunks: Chunking, sync=lambda: None) -> dict:
+    """Encode and decode `tokens` (frames, C) as compress and decompress do: samples/s of each,
+    bits/sample of the streams, and whether the decoded tokens are the input (gpu_check's row)."""
+    t0 = time.perf_counter()
+    streams, _ = encode_tokens(model, tokens, chunks)
+    sync()
+    t1 = time.perf_counter()
+    decoded = decode_tokens(model, streams, chunks)
+    sync()
+    t2 = time.perf_counter()
+    return dict(encode_samples_per_s=tokens.size / (t1 - t0), decode_samples_per_s=tokens.size / (t2 - t1),
+                bits_per_sample=8 * sum(s.nbytes for s in streams) / tokens.size,
+                round_trip=bool(np.array_equal(decoded, tokens)))
+
+
 def channel_coders(model: SaShiMi) -> list[IntervalCoder]:
     """The coder of each channel slot of a position: its head on its grid (the layout's)."""
     layout = model.layout

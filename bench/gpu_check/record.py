@@ -174,10 +174,9 @@ def render_summary(d: dict) -> str:
     lines += _figures(f"recurrence vs convolution (relative error; target <= {ANCHORS['recurrence']['target_rel_err']:g}, "
                       f"public 'diagonal': {ANCHORS['recurrence']['anchor_diagonal_rel_err']:g}):", h.get("recurrence"),
                       lambda r: f"{_f(r.get('rel_err'), '{:.2e}')}")
-    lines += _figures("codec (16-bit stereo 44.1 kHz, frames layout; encode / decode samples/s, exact round trip):",
-                      (d.get("codec") or {}).get("round_trip"), lambda r:
-                      f"{_f(r.get('encode_samples_per_s'), '{:,.0f}')} / {_f(r.get('decode_samples_per_s'), '{:,.0f}')} "
-                      f"samples/s, {r.get('chunks', '?')} chunks, round trip {'exact' if r.get('round_trip') else 'FAILED'}")
+    lines += _figures("codec (16-bit stereo 44.1 kHz; encode / decode samples/s):", (d.get("codec") or {}).get("round_trip"),
+                      lambda r: f"{_f(r.get('encode_samples_per_s'), '{:,.0f}')} / {_f(r.get('decode_samples_per_s'), '{:,.0f}')}"
+                      f", {r.get('chunks')} chunks, round trip {'exact' if r.get('round_trip') else 'FAILED'}")
     if t:
         lines.append(f"tests ({t.get('selection', '?')}): {t.get('passed', 0)} passed, {t.get('failed', 0)} failed, "
                      f"{t.get('errors', 0)} errors, {t.get('skipped', 0)} skipped of {t.get('selected', '?')} selected"

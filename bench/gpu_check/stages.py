@@ -487,50 +487,33 @@ def stage_profile(ctx: Ctx) -> int:
 # --------------------------------------------------------------------------------------------
 # codec: encode and decode samples/s and the round trip, on the device
 # --------------------------------------------------------------------------------------------
-CODEC_FIELDS = ("preset", "device", "frames", "chunks", "encode_samples_per_s", "decode_samples_per_s",
-                "bits_per_sample", "round_trip", "seconds")
+CODEC_FIELDS = ("preset", "device", "chunks", "encode_samples_per_s", "decode_samples_per_s", "bits_per_sample",
+                "round_trip")
 
 
 def stage_codec(ctx: Ctx) -> int:
-    """sashimi.codec on the device: a 16-bit linear DML stereo model (frames layout, value input)
-    at 44.1 kHz, random init, on synthetic stereo music, coded in 1/32-s chunks (the dry run: 1/64 s) as one batch;
-    encode and decode timed, the decoded tokens compared with the input."""
-    import numpy as np
-
+    """sashimi.codec on the device: a random 16-bit linear DML stereo model (frames, value input) at
+    44.1 kHz codes synthetic music in 1/32-s chunks (dry run: 1/64 s) as one batch; encode and
+    decode timed, the decoded tokens compared with the input."""
     from sashimi import codec
     from sashimi.data import SyntheticStereoMusic
     from sashimi.model import PRESETS, ModelConfig, SaShiMi
     seconds = 0.1 if ctx.dry else 1.0
-    bad = []
-    for preset in (("tiny",) if ctx.dry else ("tiny", "paper")):
+    for preset in ("tiny",) if ctx.dry else ("tiny", "paper"):
         def measure(preset=preset):
-            t0 = time.perf_counter()
             torch.manual_seed(0)
-            cfg = ModelConfig(**dict(PRESETS[preset], channels=2, stereo_layout="frames", bits=16,
-                                     quantization="linear", head="dml", value_input=True, sample_rate=44100,
+            cfg = ModelConfig(**dict(PRESETS[preset], channels=2, stereo_layout="frames", bits=16, head="dml",
+                                     quantization="linear", value_input=True, sample_rate=44100,
                                      kernel_backend="reference" if ctx.dry else "auto"))
-            model = SaShiMi(cfg).to(ctx.device).eval()
             audio = SyntheticStereoMusic(cfg.sample_rate, seconds_per_clip=seconds, clips=1).clip(0)
             tokens = cfg.quantizer.encode(audio).to(torch.int32).numpy()
-            frames = tokens.shape[0]
-            chunks = codec.Chunking(frames, max(1, cfg.sample_rate // (64 if ctx.dry else 32)))
-            t1 = time.perf_counter()
-            streams, _ = codec.encode_tokens(model, tokens, chunks)
-            ctx.sync()
-            t2 = time.perf_counter()
-            decoded = codec.decode_tokens(model, streams, chunks)
-            ctx.sync()
-            t3 = time.perf_counter()
-            ok = bool(np.array_equal(decoded, tokens))
-            return dict(preset=preset, device=str(ctx.device), frames=frames, chunks=chunks.count,
-                        encode_samples_per_s=tokens.size / (t2 - t1), decode_samples_per_s=tokens.size / (t3 - t2),
-                        bits_per_sample=8 * sum(s.nbytes for s in streams) / tokens.size, round_trip=ok,
-                        seconds=time.perf_counter() - t0), None
+            chunks = codec.Chunking(tokens.shape[0], cfg.sample_rate // (64 if ctx.dry else 32))
+            r = codec.measure_round_trip(SaShiMi(cfg).to(ctx.device).eval(), tokens, chunks, ctx.sync)
+            return dict(preset=preset, device=str(ctx.device), chunks=chunks.count, **r), None
         figure(ctx, "round_trip", preset, f"codec {preset} stereo 44.1 kHz, {seconds} s", CODEC_FIELDS,
                ctx.deadline - 3, measure, top="codec")
-        rec = (record.load(ctx.out).get("codec") or {}).get("round_trip", {}).get(preset, {})
-        if rec.get("status") == "error" or rec.get("round_trip") is False:
-            bad.append(preset)
+    bad = [k for k, r in (record.load(ctx.out).get("codec") or {}).get("round_trip", {}).items()
+           if r.get("status") == "error" or r.get("round_trip") is False]
     print(f"[codec] failed: {bad}" if bad else "[codec] round trips exact", flush=True)
     return 1 if bad else 0
 

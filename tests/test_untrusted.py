@@ -99,32 +99,26 @@ def _forge(run_dir: Path, out: Path, edit, hashed: bool = True) -> Path:
     return out
 
 
-def _write_deep(path: Path, depth: int = 200_000) -> Path:
+def _with_pickle(path: Path, pickled: bytes) -> Path:
+    """A torch.save file whose pickle is replaced by `pickled`."""
     torch.save({"a": 1}, path)
     with zipfile.ZipFile(path) as z:
         entries = {n: z.read(n) for n in z.namelist()}
-    pkl = next(n for n in entries if n.endswith("data.pkl"))
-    entries[pkl] = b"\x80\x02" + b"]" * depth + b"a" * (depth - 1) + b"."
+    entries[next(n for n in entries if n.endswith("data.pkl"))] = pickled
     with zipfile.ZipFile(path, "w") as z:
         for name, data in entries.items():
             z.writestr(name, data)
     return path
+
+
+def _write_deep(path: Path, depth: int = 200_000) -> Path:
+    return _with_pickle(path, b"\x80\x02" + b"]" * depth + b"a" * (depth - 1) + b".")
 
 
 def _write_repeated(path: Path, levels: int = 30) -> Path:
     """A tree of 2**30 values in a few hundred bytes: each list holds the one below twice."""
-    torch.save({"a": 1}, path)
-    with zipfile.ZipFile(path) as z:
-        entries = {n: z.read(n) for n in z.namelist()}
-    pkl = next(n for n in entries if n.endswith("data.pkl"))
-    body = b"\x80\x02K\x01"                                   # 1
-    for _ in range(levels):
-        body += b"q\x00h\x00h\x00\x86"                       # memo it, push it twice, make a pair
-    entries[pkl] = body + b"."
-    with zipfile.ZipFile(path, "w") as z:
-        for name, data in entries.items():
-            z.writestr(name, data)
-    return path
+    # 1, then per level: memo it, push it twice, make a pair
+    return _with_pickle(path, b"\x80\x02K\x01" + b"q\x00h\x00h\x00\x86" * levels + b".")
 
 
 def _write_bomb(run_dir: Path, path: Path, inflated: int = 1536 << 20) -> Path:

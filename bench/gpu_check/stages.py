@@ -175,7 +175,7 @@ def _packages() -> dict:
     from importlib.metadata import PackageNotFoundError, version
     out = {}
     for dist in ("soundfile", "nvtx", "constriction", "hypothesis", "pytest-benchmark", "pytest", "tqdm", "numpy",
-                 "torchaudio", "matplotlib"):
+                 "soxr", "matplotlib"):
         try:
             m = import_module(dist.replace("-", "_"))
             try:

@@ -97,15 +97,10 @@ def quantized(quantizer: Quantizer, audio: torch.Tensor) -> np.ndarray:
     return out.reshape(audio.shape)
 
 
-def regular_input(path: Path, what: str = "input") -> Path:
-    """A path that names a regular file (not a FIFO, device or folder), or one line."""
-    return regular_file(path, what)
-
-
 def read_input(path: Path, sample_rate: int, channels: int) -> tuple[torch.Tensor, dict]:
     """The file's samples as float32 (frames, channels), refusing another rate or channel count."""
     import soundfile as sf
-    regular_input(path)
+    regular_file(path, "input")
     try:
         info = sf.info(str(path))
         data = sf.read(str(path), dtype="float32", always_2d=True)[0]
@@ -131,7 +126,7 @@ def load_model(path, device: str = "cpu") -> tuple[SaShiMi, str]:
     from sashimi.cli import resolve_device
     dev = resolve_device(device)
     try:
-        model, payload = checkpoint.load_model(regular_input(Path(path), "--checkpoint"), dev)
+        model, payload = checkpoint.load_model(regular_file(path, "--checkpoint"), dev)
     except checkpoint.CheckpointError as exc:
         raise CodecError(str(exc)) from None
     return model, payload.get("sha256") or checkpoint.content_hash(payload)
@@ -494,7 +489,7 @@ def _short(v) -> str:
 
 
 def read_container(path: Path) -> tuple[dict, list[np.ndarray]]:
-    regular_input(path)
+    regular_file(path, "input")
     try:
         with open(path, "rb") as fh:
             head = fh.read(len(MAGIC) + 4)

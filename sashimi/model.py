@@ -1,4 +1,5 @@
-"""SaShiMi for mono and stereo audio: encoder, backbone, heads, and the recurrent step.
+"""SaShiMi for mono and stereo audio: its config, backbone and the model (the blocks are in
+`sashimi.blocks`, the heads in `sashimi.heads`), and the recurrent step.
 
 tokens --layout (embedding)--> backbone --> head --> loss, and back out through the
 recurrent step. How frames of audio become positions (and which token the head predicts from
@@ -16,11 +17,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import kernels
 from kernels.profiling import nvtx_range
+from sashimi.blocks import DownPool, FeedForward, Residual, UpPool
+from sashimi.heads import HEADS
 from sashimi.quantize import KINDS as QUANTIZATION_KINDS
 from sashimi.quantize import Quantizer
 from sashimi.s4 import S4Layer
@@ -219,7 +221,7 @@ CONFIG_RULES = {
     "channels": _one_of(1, 2),
     "sample_rate": _int(1, 768_000),
     "seq_len": _int(1, 2 ** 24),
-    "head": _one_of("categorical", "dml"),
+    "head": _one_of(*HEADS),
     "n_mixtures": _int(1, 1024),
     "tie_weights": _of_type(bool),
     "stereo_layout": lambda v: _one_of(*_layout_names())(v),
@@ -243,99 +245,6 @@ PRESETS = {
 # --------------------------------------------------------------------------------------------
 # blocks
 # --------------------------------------------------------------------------------------------
-class FeedForward(nn.Module):
-    def __init__(self, d: int, expand: int, dropout: float = 0.0):
-        super().__init__()
-        self.lin1 = nn.Linear(d, expand * d)
-        self.lin2 = nn.Linear(expand * d, d)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-
-    def forward(self, x):
-        return self.lin2(self.dropout(F.gelu(self.lin1(x))))
-
-    def default_state(self, batch, device=None):
-        return None
-
-    def step(self, x, state):
-        return self.forward(x)
-
-    def prefill(self, x, state, block: int = 128, dtype=torch.float32):
-        return self.forward(x)        # stateless: the whole sequence at once is its forward
-
-
-class Residual(nn.Module):
-    """x + layer(LayerNorm(x)) (pre-norm)."""
-
-    def __init__(self, d: int, layer: nn.Module):
-        super().__init__()
-        self.norm = nn.LayerNorm(d)
-        self.layer = layer
-
-    def forward(self, x):
-        return x + self.layer(self.norm(x))
-
-    def default_state(self, batch, device=None):
-        return self.layer.default_state(batch, device)
-
-    def step(self, x, state):
-        return x + self.layer.step(self.norm(x), state)
-
-    def prefill(self, x, state, block: int = 128, dtype=torch.float32):
-        """x (B, T, d): T steps from a zero state at once (sashimi.prefill); fills `state`."""
-        return x + self.layer.prefill(self.norm(x), state, block, dtype)
-
-
-class DownPool(nn.Module):
-    """(B, L, H) -> (B, L/p, expand*H): p consecutive steps side by side, then a linear map."""
-
-    def __init__(self, d: int, expand: int, pool: int):
-        super().__init__()
-        self.pool = pool
-        self.linear = nn.Linear(d * pool, d * expand)
-
-    def forward(self, x):
-        B, L, H = x.shape
-        return self.linear(x.reshape(B, L // self.pool, self.pool * H))
-
-    def default_state(self, batch, device=None):
-        # the inputs of the current block, slot k = k-th step of the block (a fixed buffer, so
-        # a step can be captured in a CUDA graph)
-        return torch.zeros(batch, self.pool, self.linear.in_features // self.pool, device=device)
-
-    def step(self, x, state: torch.Tensor, phase: int):
-        """Buffers the input in slot `phase` (0..p-1); returns the pooled output at phase p-1, else None."""
-        state[:, phase].copy_(x)
-        if phase < self.pool - 1:
-            return None
-        return self.linear(state.reshape(state.shape[0], -1))
-
-
-class UpPool(nn.Module):
-    """(B, L', H) -> (B, L'*p, H/expand), shifted right by one coarse step so it stays causal."""
-
-    def __init__(self, d_in: int, expand: int, pool: int):
-        super().__init__()
-        self.pool, self.d_out = pool, d_in // expand
-        self.linear = nn.Linear(d_in, self.d_out * pool)
-
-    def forward(self, x):
-        B, Lc, _ = x.shape
-        y = self.linear(x)
-        y = F.pad(y[:, :-1], (0, 0, 1, 0))  # block m is made from coarse step m - 1
-        return y.reshape(B, Lc * self.pool, self.d_out)
-
-    def default_state(self, batch, device=None):
-        return torch.zeros(batch, self.pool, self.d_out, device=device)  # block 0 is zeros
-
-    def step(self, x, state: torch.Tensor, phase: int):
-        """Emits slot `phase` of the current block; at phase p-1 refills the buffer from x, the
-        coarse tier's output of the block that just ended."""
-        y = state[:, phase].clone()
-        if phase == self.pool - 1:
-            if x is None:
-                raise RuntimeError("UpPool.step: the coarse tier did not produce its output in time")
-            state.copy_(self.linear(x).view(x.shape[0], self.pool, self.d_out))
-        return y
 
 
 def tier_dt_range(cfg: ModelConfig, l_max: int) -> tuple[float, float]:
@@ -492,163 +401,6 @@ class Backbone(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# heads
-# --------------------------------------------------------------------------------------------
-def grid_values(tokens: torch.Tensor, levels: int) -> torch.Tensor:
-    """Tokens k -> their place on the head's grid, 2k / (levels - 1) - 1 in [-1, 1] (float32):
-    the DML head's bin centres, and the sample value itself for linear quantisation."""
-    return tokens.float() * (2.0 / (levels - 1)) - 1.0
-
-
-class CategoricalHead(nn.Module):
-    """Logits over the 2^bits tokens."""
-
-    def __init__(self, d: int, levels: int):
-        super().__init__()
-        self.linear = nn.Linear(d, levels)
-        self.levels = levels
-
-    def forward(self, x):
-        return self.linear(x)
-
-    def log_prob(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Natural-log probability of each target token: out (..., V), target (...)."""
-        return -F.cross_entropy(out.float().flatten(0, -2), target.flatten(), reduction="none").view(target.shape)
-
-    def cdf_at(self, out: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
-        """P(token < e) for integer edges e in [0, levels] (B, E), float64 (the codec's
-        interval): the table of the current step only."""
-        return self.cdf(out)(edges)
-
-    def cdf(self, out: torch.Tensor):
-        """`cdf_at` for several edge sets of the same outputs: the table's sums made once."""
-        cdf = F.pad(torch.softmax(out.double(), -1).cumsum(-1), (1, 0)).clamp_(max=1.0)
-        cdf[..., -1] = 1.0     # exactly, as the DML head's last edge
-
-        def at(edges: torch.Tensor) -> torch.Tensor:
-            return cdf.gather(-1, edges.long().clamp(0, self.levels))
-        at.device = out.device
-        return at
-
-    @staticmethod
-    def anchored(out: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-        return out  # a table has no location to move
-
-    def init_for_prediction(self) -> None:
-        pass
-
-    @torch.no_grad()
-    def sample(self, out: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
-               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample tokens (B,) from logits (B, V); returns (tokens, exact log-prob under the model)."""
-        logits = out.float()
-        logp_model = torch.log_softmax(logits, -1)
-        logits = logits / max(temperature, 1e-6)
-        if top_p < 1.0:
-            probs = torch.softmax(logits, -1)
-            sorted_p, idx = probs.sort(-1, descending=True)
-            cum = sorted_p.cumsum(-1)
-            drop_sorted = cum - sorted_p > top_p          # keep the smallest prefix reaching top_p
-            drop = torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted)
-            logits = logits.masked_fill(drop, float("-inf"))
-        # Gumbel-max: no host sync, graph-capturable
-        u = torch.rand(logits.shape, device=logits.device, generator=generator).clamp_(1e-20, 1.0)
-        token = (logits - torch.log(-torch.log(u))).argmax(-1)
-        return token, logp_model.gather(-1, token[:, None]).squeeze(-1)
-
-
-class DMLHead(nn.Module):
-    """Discretised mixture of logistics over the token grid mapped to [-1, 1] (PixelCNN++).
-
-    Token k sits at x_k = 2k / (levels - 1) - 1; its bin is [x_k - half, x_k + half) with
-    half = 1 / (levels - 1), the end bins open to -inf / +inf. `params` is the one definition
-    of the mixture; `log_prob` (training, float32, numerically stable form) and `cdf_at` (the
-    codec, float64) are both computed from it."""
-
-    def __init__(self, d: int, levels: int, n_mixtures: int = 10):
-        super().__init__()
-        self.linear = nn.Linear(d, 3 * n_mixtures)
-        self.levels, self.m = levels, n_mixtures
-        # the narrowest logistic: a bin is ~5 scale units wide, so one bin can hold ~87% of a
-        # component at any bit depth (8-bit keeps the historical -7, 16-bit goes to -12.1)
-        self.min_log_scale = min(-7.0, math.log(1.0 / (levels - 1)) - 1.0)
-
-    def forward(self, x):
-        return self.linear(x)
-
-    def params(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Head output (..., 3m) -> (log weights, means, log scales), each (..., m), float32."""
-        logit_w, mean, log_s = out.float().split(self.m, dim=-1)
-        return torch.log_softmax(logit_w, -1), mean, log_s.clamp(min=self.min_log_scale)
-
-    # value_input: the network's mean outputs are corrections in units of 2^-7 of full scale
-    # (128 16-bit steps): an optimiser step then moves a mean by about lr x 2^-7, fine enough for
-    # 16-bit prediction (unscaled, Adam's steps alone jitter the means by thousands of steps)
-    DELTA_SCALE = 2.0 ** -7
-    INIT_LOG_SCALE = math.log(2.0 ** -8)     # a typical CD-music residual, ~128 16-bit steps
-
-    def init_for_prediction(self) -> None:
-        """value_input models start at the anchor with a residual-sized scale."""
-        with torch.no_grad():
-            self.linear.bias[2 * self.m:] = self.INIT_LOG_SCALE
-
-    @classmethod
-    def anchored(cls, out: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-        """The head output with the mixture means made anchor + DELTA_SCALE x the network's
-        corrections (ModelConfig.value_input): anchor (...,) on the grid of [-1, 1]."""
-        w, mean, log_s = out.float().split(out.shape[-1] // 3, dim=-1)
-        return torch.cat([w, anchor.float().unsqueeze(-1) + cls.DELTA_SCALE * mean, log_s], -1)
-
-    def log_prob(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        log_w, mean, log_s = self.params(out)
-        half = 1.0 / (self.levels - 1)                      # half a bin in [-1, 1]
-        x = grid_values(target, self.levels).unsqueeze(-1)
-        centred = x - mean
-        inv_s = torch.exp(-log_s)
-        plus, minus = inv_s * (centred + half), inv_s * (centred - half)
-        log_cdf_plus = plus - F.softplus(plus)              # log sigmoid(plus)
-        log_one_minus_cdf_min = -F.softplus(minus)          # log (1 - sigmoid(minus))
-        cdf_delta = torch.sigmoid(plus) - torch.sigmoid(minus)
-        mid = inv_s * centred
-        log_pdf_mid = mid - log_s - 2.0 * F.softplus(mid)   # log density at the bin centre
-        log_bin = torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp(min=1e-12)),
-                              log_pdf_mid + math.log(2 * half))
-        edge_lo, edge_hi = (target == 0).unsqueeze(-1), (target == self.levels - 1).unsqueeze(-1)
-        log_p = torch.where(edge_lo, log_cdf_plus, torch.where(edge_hi, log_one_minus_cdf_min, log_bin))
-        return torch.logsumexp(log_p + log_w, dim=-1)
-
-    def cdf_at(self, out: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
-        """P(token < e) for integer edges e in [0, levels] (B, E), from head outputs (B, 3m):
-        float64 (B, E). Edge 0 is 0 and edge `levels` is 1 exactly (the open end bins)."""
-        return self.cdf(out)(edges)
-
-    def cdf(self, out: torch.Tensor):
-        """`cdf_at` for several edge sets of the same outputs: the mixture prepared once."""
-        log_w, mean, log_s = (t.double() for t in self.params(out))
-        w, inv_s = torch.exp(log_w)[:, :, None], torch.exp(-log_s)[:, None, :]
-        mean = mean[:, None, :]
-
-        def at(edges: torch.Tensor) -> torch.Tensor:
-            x = edges.double().mul(2.0 / (self.levels - 1)).sub_(1.0 + 1.0 / (self.levels - 1))
-            z = (x[:, :, None] - mean).mul_(inv_s).sigmoid_()
-            cdf = torch.bmm(z, w)[..., 0]           # the mixture: sum_j w_j sigmoid((x - mu_j) / s_j)
-            return cdf.masked_fill_(edges <= 0, 0.0).masked_fill_(edges >= self.levels, 1.0)
-        at.device = out.device
-        return at
-
-    @torch.no_grad()
-    def sample(self, out, temperature: float = 1.0, top_p: float = 1.0, generator=None):
-        log_w, mean, log_s = self.params(out)
-        g = torch.rand(log_w.shape, device=out.device, generator=generator).clamp_(1e-20, 1.0)
-        k = (log_w / max(temperature, 1e-6) - torch.log(-torch.log(g))).argmax(-1, keepdim=True)
-        mu, s = mean.gather(-1, k).squeeze(-1), torch.exp(log_s.gather(-1, k).squeeze(-1))
-        u = torch.rand(mu.shape, device=out.device, generator=generator).clamp_(1e-5, 1 - 1e-5)
-        x = (mu + s * temperature * (torch.log(u) - torch.log1p(-u))).clamp(-1.0, 1.0)
-        token = torch.round((x + 1.0) / 2.0 * (self.levels - 1)).long()
-        return token, self.log_prob(out, token)
-
-
-# --------------------------------------------------------------------------------------------
 # the model
 # --------------------------------------------------------------------------------------------
 class SaShiMi(nn.Module):
@@ -659,12 +411,9 @@ class SaShiMi(nn.Module):
         V, D = cfg.levels, cfg.d_model
         self.layout.build(self)            # the embedding (and any head input of its own)
         self.backbone = Backbone(cfg)
-        if cfg.head == "categorical":
-            self.head = CategoricalHead(D, V)
-            if cfg.tie_weights:
-                self.head.linear.weight = self.embedding.weight
-        else:
-            self.head = DMLHead(D, V, cfg.n_mixtures)
+        self.head = HEADS[cfg.head].from_config(cfg, D, V)
+        if cfg.tie_weights:
+            self.head.linear.weight = self.embedding.weight
         if cfg.value_input:
             self.head.init_for_prediction()
 
@@ -742,29 +491,6 @@ class SaShiMi(nn.Module):
         """Natural-log probability of the next position's tokens (..., step_tokens) given step
         outputs `out` (..., out dim): (..., step_tokens)."""
         return self.layout.log_prob_next(self, out, tokens)
-
-
-def embedding_init(levels: int, d: int, embed_init: str, seed: int = 0) -> torch.Tensor:
-    """A token table's initial rows (levels, d): `ordinal_embedding` (seeded), or N(0, 1/d)."""
-    if embed_init == "ordinal":
-        return ordinal_embedding(levels, d, seed=seed)
-    return torch.randn(levels, d) * d ** -0.5
-
-
-def ordinal_embedding(levels: int, d: int, bandwidth_tokens: float = 3.0, seed: int = 0) -> torch.Tensor:
-    """Random Fourier features of the token's position on the (companded) amplitude axis.
-
-    Audio tokens are ordinal: neighbouring tokens are neighbouring amplitudes. With these
-    features e_j . e_k ~ exp(-(j - k)^2 / (2 bandwidth^2)) / 2, so at initialisation the model
-    already generalises across nearby amplitudes (a random table makes it learn every one of
-    2^bits rows separately, and training sits at the unigram entropy for hundreds of steps).
-    Scaled like the usual N(0, 1/d) init. Deterministic (its own seeded generator).
-    """
-    g = torch.Generator().manual_seed(levels * 7919 + d + 104729 * seed)
-    a = torch.arange(levels, dtype=torch.float64)[:, None]
-    freq = torch.randn(1, d, generator=g, dtype=torch.float64) / bandwidth_tokens
-    phase = torch.rand(1, d, generator=g, dtype=torch.float64) * 2 * math.pi
-    return (torch.cos(a * freq + phase) * math.sqrt(2.0 / d)).float()
 
 
 def pack_tier(tier: nn.ModuleList) -> tuple[dict, str]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sashimi.model import PRESETS, DMLHead, ModelConfig, SaShiMi, count_parameters
+from sashimi.heads import HEADS, DMLHead
+from sashimi.model import PRESETS, ModelConfig, SaShiMi, count_parameters
 
 from conftest import assert_rel_close
 
@@ -177,7 +178,7 @@ def test_config_errors():
 
 
 def test_ordinal_embedding_is_smooth_in_amplitude():
-    from sashimi.model import ordinal_embedding
+    from sashimi.blocks import ordinal_embedding
     e = ordinal_embedding(256, 64)
     sim = e @ e.T
     assert torch.allclose(sim.diagonal(), torch.ones(256), atol=0.35)  # ~unit rows (random features)
@@ -355,7 +356,7 @@ def test_frames_config_errors():
 
 def test_interleave_init_unchanged_by_frames():
     """The frames layout's extra tables do not change an interleave model's initialisation."""
-    from sashimi.model import ordinal_embedding
+    from sashimi.blocks import ordinal_embedding
     m = SaShiMi(tiny(channels=2))
     assert torch.equal(m.embedding.weight, ordinal_embedding(256, m.cfg.d_model)) and m.right is None
     f = SaShiMi(frames_cfg())
@@ -400,7 +401,7 @@ def test_dml_head_can_put_one_16_bit_bin_above_80_percent():
 def test_cdf_at_is_the_log_prob_distribution(levels, head):
     """The codec's interval (cdf_at) and the loss (log_prob) are one distribution."""
     torch.manual_seed(4)
-    h = DMLHead(8, levels, 3) if head == "dml" else __import__("sashimi.model", fromlist=["x"]).CategoricalHead(8, levels)
+    h = DMLHead(8, levels, 3) if head == "dml" else HEADS["categorical"](8, levels)
     out = h(torch.randn(5, 8))
     if head == "dml":
         out = out.clone()

@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from sashimi.model import grid_values
+from sashimi.blocks import grid_values
 
 LN2 = math.log(2.0)
 

@@ -18,7 +18,7 @@ from torch import nn
 import kernels
 from kernels.profiling import nvtx_range
 from sashimi.layouts.base import LN2, Layout
-from sashimi.model import FeedForward, Residual, embedding_init, grid_values
+from sashimi.blocks import FeedForward, Residual, embedding_init, grid_values
 
 
 class RightGivenLeft(nn.Module):

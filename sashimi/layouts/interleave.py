@@ -14,7 +14,7 @@ from torch import nn
 import kernels
 from kernels.profiling import nvtx_range
 from sashimi.layouts.base import LN2, Layout
-from sashimi.model import embedding_init
+from sashimi.blocks import embedding_init
 
 
 class Interleave(Layout):

@@ -20,7 +20,8 @@ from torch import nn
 
 from kernels.reference import check_tokens as check_range
 from sashimi.layouts.frames import Frames, RightGivenLeft
-from sashimi.model import DMLHead, embedding_init
+from sashimi.blocks import embedding_init
+from sashimi.heads import HEADS
 
 LEVELS = 2 ** 16                 # L, R and M: 16-bit linear tokens (sample + 32768)
 # S = L - R in [-65535, 65535]: token S + 65535, on a grid of 2^17 (the codec codes power-of-two
@@ -74,7 +75,7 @@ class MidSide(Frames):
                 model.embedding.weight.zero_()
         model.value_in = nn.Linear(2, D) if cfg.value_input else None
         model.right = RightGivenLeft(D, LEVELS, max(cfg.ff, 1), cfg.embed_init, cfg.value_input)
-        model.side_head = DMLHead(D, SIDE_LEVELS, cfg.n_mixtures)
+        model.side_head = HEADS[cfg.head].from_config(cfg, D, SIDE_LEVELS)
         if cfg.value_input:
             model.side_head.init_for_prediction()
 

@@ -61,6 +61,9 @@ class ModelConfig:
     # linear model a predictor (a 65,536-row table alone is not). The layout adds both; every
     # layout but stereo interleave takes it.
     value_input: bool = False
+    # what the value-input heads' means are corrections to (a name in sashimi.predictors.PREDICTORS):
+    # "fixed2" (the models before it), "cascade" (adaptive least squares + NLMS, the codec's)
+    predictor: str = "fixed2"
     kernel_backend: str = "auto"
 
     def __post_init__(self):
@@ -84,6 +87,9 @@ class ModelConfig:
         if self.tie_weights and self.head != "categorical":
             problems.append("weight tying needs the categorical head")
         problems += self.layout.problems(self)
+        if self.value_input:
+            from sashimi.predictors import PREDICTORS
+            problems += PREDICTORS[self.predictor].problems(self)
         if not problems and self.l_max % self.pool_factor:
             what = "seq_len x channels" if self.step_tokens < self.channels else "seq_len"
             problems.append(f"{what} = {self.l_max} must be a multiple of the total pooling "
@@ -176,6 +182,11 @@ def _layout_names() -> tuple[str, ...]:
     return tuple(LAYOUTS)
 
 
+def _predictor_names() -> tuple[str, ...]:
+    from sashimi.predictors import PREDICTORS
+    return tuple(PREDICTORS)
+
+
 def _one_of(*choices):
     def rule(v):
         if type(v) not in {type(c) for c in choices} or v not in choices:   # 2.0 is not 2, True not 1
@@ -227,6 +238,7 @@ CONFIG_RULES = {
     "stereo_layout": lambda v: _one_of(*_layout_names())(v),
     "embed_init": _one_of("ordinal", "normal"),
     "value_input": _of_type(bool),
+    "predictor": lambda v: _one_of(*_predictor_names())(v),
     "kernel_backend": _one_of("auto", "triton", "reference"),
 }
 
@@ -417,24 +429,33 @@ class SaShiMi(nn.Module):
         if cfg.value_input:
             self.head.init_for_prediction()
 
-    def encode(self, tokens: torch.Tensor, check_tokens: bool = True) -> torch.Tensor:
+    def encode(self, tokens: torch.Tensor, check_tokens: bool = True, cur: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, L, C) -> the backbone's input (B, positions, D), as the layout embeds
-        them. check_tokens=False skips the range check (a host sync on CUDA) for callers that
-        have validated the tokens already, as the trainer does on the CPU side of the loader."""
+        them (`cur`: the positions' predictions, value input). check_tokens=False skips the
+        range check (a host sync on CUDA) for callers that have validated the tokens already,
+        as the trainer does on the CPU side of the loader."""
         with nvtx_range("sashimi/model/encoder"):
-            return self.layout.encode(self, tokens, check_tokens)
+            return self.layout.encode(self, tokens, check_tokens, cur)
 
     def forward(self, tokens: torch.Tensor, check_tokens: bool = True,
-                next_left: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (B, L, C) -> head outputs (the layout's: interleave (B, L*C, V or
-        3*n_mixtures), position i predicts interleaved token i + 1; a frame per position
-        (B, L, C, ...), the outputs for frame t + 1, given next_left (B, L): the model's first
-        channel of frames 1..L, on which the second channel's head conditions)."""
+                next_left: torch.Tensor | None = None, warmup: int = 0) -> torch.Tensor:
+        """tokens (B, W + L, C) -> head outputs of the last L frames (the layout's: interleave
+        (B, L*C, V or 3*n_mixtures), position i predicts interleaved token i + 1; a frame per
+        position (B, L, C, ...), the outputs for frame t + 1, given next_left (B, L): the
+        model's first channel of frames 1..L, on which the second channel's head conditions).
+        The first W = `warmup` frames only run the predictor (value input)."""
         if tokens.dim() != 3 or tokens.shape[-1] != self.cfg.channels:
             raise ValueError(f"tokens must be (batch, frames, {self.cfg.channels}), got {tuple(tokens.shape)}")
-        h = self.backbone(self.encode(tokens, check_tokens))
+        cur = nxt = None
+        if self.cfg.value_input:   # a value-input layout has one position per frame
+            with nvtx_range("sashimi/model/predictor"):
+                positions = self.layout.to_model(tokens).reshape(tokens.shape[0], tokens.shape[1], -1)
+                state = self.layout.new_value_state(tokens.shape[0], tokens.device)
+                cur, nxt = (p[:, warmup:] for p in self.layout.advance(positions, state))
+        tokens = tokens[:, warmup:]
+        h = self.backbone(self.encode(tokens, check_tokens, cur))
         with nvtx_range("sashimi/model/head"):
-            return self.layout.forward(self, tokens, h, next_left, check_tokens)
+            return self.layout.forward(self, tokens, h, next_left, check_tokens, nxt)
 
     def nll_bits(self, batch: torch.Tensor, check_tokens: bool = True) -> torch.Tensor:
         """batch: tokens (B, L + 1, C). Returns the NLL of every target, in bits, (B, L*C), in
@@ -454,30 +475,42 @@ class SaShiMi(nn.Module):
     def default_state(self, batch: int, device=None):
         device = self.embedding.weight.device if device is None else device
         state = self.backbone.default_state(batch, device)
-        if self.cfg.value_input:   # the last position's values, for the anchors (0 at the start)
-            state["values"] = torch.zeros(batch, self.cfg.step_tokens, device=device)
+        if self.cfg.value_input:   # the predictor's state and its prediction of the next position
+            state["values"] = self.layout.new_value_state(batch, device)
         return state
 
-    def embed_steps(self, tokens: torch.Tensor) -> torch.Tensor:
+    def advance(self, tokens: torch.Tensor, state) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Run the predictor (value input) through positions (the layout's: (B, T) or
+        (B, T, C)), updating `state`: (cur, nxt), the predictions of these positions and of
+        the ones after each (`Layout.advance`); (None, None) without value input."""
+        if not self.cfg.value_input:
+            return None, None
+        return self.layout.advance(tokens.reshape(tokens.shape[0], tokens.shape[1], -1), state["values"])
+
+    def embed_steps(self, tokens: torch.Tensor, cur: torch.Tensor | None = None) -> torch.Tensor:
         """The backbone input of positions (the layout's: one token (...,) or a frame
-        (..., C)) -> (..., D), for the recurrence and prefill. No range check (graph-capturable)."""
-        return self.layout.embed_steps(self, tokens)
+        (..., C)) -> (..., D), for the recurrence and prefill; `cur`: their predictions (from
+        `advance`). No range check (graph-capturable)."""
+        return self.layout.embed_steps(self, tokens, cur)
 
     def step(self, token: torch.Tensor, state, t: int) -> torch.Tensor:
         """Position t -> the step output that the next position's tokens are drawn from (see
         sample_next / log_prob_next). `state` (from default_state) is updated in place.
         One token per position: token t (B,) -> head output for token t + 1; a frame per
         position: frame t (B, C) -> the backbone output h_t (B, D), with value_input followed
-        by the frame's anchors (the second channel's head input depends on the first, sampled
-        from it)."""
-        h = self.backbone.step(self.embed_steps(token), state, t)
-        return self.layout.after_step(self, token, h, state)
+        by the next frame's prediction (the second channel's head input depends on the first,
+        sampled from it)."""
+        cur, nxt = self.advance(token[:, None], state)
+        if cur is not None:
+            cur, nxt = cur[:, 0], nxt[:, 0]
+        h = self.backbone.step(self.embed_steps(token, cur), state, t)
+        return self.layout.step_output(self, h, nxt)
 
-    def prefill_output(self, positions: torch.Tensor, h: torch.Tensor, state, return_all: bool) -> torch.Tensor:
-        """prefill's `out` from the backbone outputs h (B, T, D) of `positions`: what `step`
-        returns after the last position (B, ...), or after every one (B, T, ...); `state` gets
-        what the steps would leave beside the backbone's."""
-        return self.layout.prefill_output(self, positions, h, state, return_all)
+    def prefill_output(self, h: torch.Tensor, nxt: torch.Tensor | None, return_all: bool) -> torch.Tensor:
+        """prefill's `out` from the backbone outputs h (B, T, D) and the predictions `nxt` of
+        `advance`: what `step` returns after the last position (B, ...), or after every one
+        (B, T, ...)."""
+        return self.layout.prefill_output(self, h, nxt, return_all)
 
     @torch.no_grad()
     def sample_next(self, out: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,

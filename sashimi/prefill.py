@@ -107,5 +107,6 @@ def prefill(model: SaShiMi, tokens: torch.Tensor, *, block: int = 128, dtype: to
     if any(m.step_factors() is None for m in model.modules() if isinstance(m, S4Layer)):
         raise RuntimeError("call model.setup_step() before prefill()")
     state = model.default_state(B)
-    h = _backbone(model.backbone, model.embed_steps(tokens), state, block, dtype)
-    return state, model.prefill_output(tokens, h, state, return_all)
+    cur, nxt = model.advance(tokens, state)
+    h = _backbone(model.backbone, model.embed_steps(tokens, cur), state, block, dtype)
+    return state, model.prefill_output(h, nxt, return_all)

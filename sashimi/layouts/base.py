@@ -17,12 +17,13 @@ is. It owns:
 - the order of the training targets (`nll_bits`) and their split by channel (`per_channel`);
 - what `data` crops: `crop_frames` frames per training example;
 - with `ModelConfig.value_input`, the values: each token's place on its head's grid enters the
-  embedding through `model.value_in`, and the heads' means are offsets from a fixed
-  second-order prediction of each channel slot (`anchors`), carried through the recurrence in
-  the state's "values".
+  embedding through `model.value_in`, and the heads' means are offsets from the prediction of
+  each channel slot by `ModelConfig.predictor` (`sashimi.predictors`; `advance` runs it, its
+  state rides in the model's recurrent state).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -52,8 +53,9 @@ class Layout:
 
     @property
     def crop_frames(self) -> int:
-        """Frames per training crop: a window of seq_len frames plus the target after it."""
-        return self.cfg.seq_len + 1
+        """Frames per training crop: the predictor's warm-up (value input), a window of seq_len
+        frames, and the target after it."""
+        return self.warmup_frames + self.cfg.seq_len + 1
 
     @property
     def positions_per_example(self) -> int:
@@ -93,58 +95,87 @@ class Layout:
         """The head of each token of a position, in prediction order."""
         return [model.head] * self.step_tokens
 
-    def encode(self, model, tokens: torch.Tensor, check_tokens: bool = True) -> torch.Tensor:
-        """Quantiser tokens (B, L, C) -> the backbone's input (B, positions, D)."""
+    def encode(self, model, tokens: torch.Tensor, check_tokens: bool = True, cur=None) -> torch.Tensor:
+        """Quantiser tokens (B, L, C) -> the backbone's input (B, positions, D); `cur`: the
+        positions' predictions (value input, `advance`)."""
         raise NotImplementedError
 
-    def embed_steps(self, model, positions: torch.Tensor) -> torch.Tensor:
+    def embed_steps(self, model, positions: torch.Tensor, cur=None) -> torch.Tensor:
         """Positions (model tokens, (...,) or (..., step_tokens)) -> (..., D). No range check."""
         raise NotImplementedError
 
     # -- values (value_input) -------------------------------------------------------------------
+    @functools.cached_property
+    def predictor(self):
+        """The predictor the heads' means are anchored on (`sashimi.predictors`)."""
+        from sashimi.predictors import PREDICTORS
+        return PREDICTORS[self.cfg.predictor](self)
+
+    @property
+    def warmup_frames(self) -> int:
+        """Frames a training crop runs through the predictor before its first input."""
+        return self.predictor.warmup_frames if self.cfg.value_input else 0
+
+    @property
+    def value_features(self) -> int:
+        """Inputs of `model.value_in` per position: each slot's value, and the predictor's extras."""
+        return self.step_tokens * (1 + self.predictor.extra_inputs)
+
     def values(self, tokens: torch.Tensor) -> torch.Tensor:
         """The model's tokens of positions (..., step_tokens) -> their places on their heads'
         grids in [-1, 1] (float32): the sample values themselves for linear quantisation."""
         return torch.stack([grid_values(tokens[..., j], self.levels(j)) for j in range(tokens.shape[-1])], -1)
 
-    def with_values(self, model, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """The embedding x (..., D) of positions (..., step_tokens) plus their values' projection."""
-        return x if model.value_in is None else x + model.value_in(self.values(tokens))
+    def new_value_state(self, batch: int, device=None) -> dict:
+        """The predictor's state before any position, and its prediction of position 0 (zeros)."""
+        return dict(predictor=self.predictor.new_state(batch, device),
+                    anchor=torch.zeros(batch, 2 * self.step_tokens, device=device))
 
-    def anchors(self, tokens: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
-        """The fixed prediction the head's means are offset from, per position and channel slot:
-        2 v_p - v_{p-1} of the values v (B, T, step_tokens) of positions' tokens; v_{-1} is
-        `previous` (B, step_tokens), 0 when None (a sequence's start)."""
+    def advance(self, positions: torch.Tensor, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the predictor through positions (B, T, step_tokens), updating `state` (from
+        new_value_state). Returns (cur, nxt), (B, T, 2 step_tokens) each: the predictions
+        (base, then gain: `anchor`) of positions 0..T-1 and of 1..T."""
+        base, gain = self.predictor.run(state["predictor"], positions)
+        nxt = torch.cat([base, gain], -1)
+        cur = torch.cat([state["anchor"][:, None].to(nxt.dtype), nxt[:, :-1]], 1)
+        state["anchor"].copy_(nxt[:, -1])
+        return cur, nxt
+
+    def anchor(self, pred: torch.Tensor, j: int, first: torch.Tensor | None = None) -> torch.Tensor:
+        """The prediction of slot j (...,) from a prediction (..., 2 step_tokens) and, for j > 0,
+        the grid value `first` (...,) of slot 0 of the same position."""
+        S = self.step_tokens
+        if j == 0:
+            return pred[..., 0]
+        return pred[..., j] + pred[..., S + j] * (first - 1.0 / (self.levels(0) - 1))
+
+    # the residuals' scale as inputs: 2^7 on the grid (a residual of 256 16-bit steps) is 1
+    RESIDUAL_SCALE = 2.0 ** 7
+
+    def with_values(self, model, x: torch.Tensor, tokens: torch.Tensor, cur: torch.Tensor | None = None) -> torch.Tensor:
+        """The embedding x (..., D) of positions (..., step_tokens) plus the projection of their
+        values (and, for a predictor with extra inputs, of their residuals against `cur`, the
+        positions' predictions (..., 2 step_tokens))."""
+        if model.value_in is None:
+            return x
         v = self.values(tokens)
-        before = torch.zeros_like(v[:, :1]) if previous is None else previous[:, None].to(v.dtype)
-        return 2.0 * v - torch.cat([before, v[:, :-1]], 1)
+        if self.predictor.extra_inputs:
+            anchors = torch.stack([self.anchor(cur, j, v[..., 0]) for j in range(self.step_tokens)], -1)
+            v = torch.cat([v, ((v - anchors) * self.RESIDUAL_SCALE).clamp(-64.0, 64.0)], -1)
+        return x + model.value_in(v)
 
     # -- heads and targets ----------------------------------------------------------------------
     def step_output(self, model, h: torch.Tensor, anchor: torch.Tensor | None = None) -> torch.Tensor:
         """What a recurrent step returns for backbone outputs h (..., D): h, followed (with
-        value_input) by the next position's anchors (..., step_tokens)."""
+        value_input) by the next position's prediction (..., 2 step_tokens) (`anchor`)."""
         return h if anchor is None else torch.cat([h, anchor], -1)
 
-    def after_step(self, model, positions: torch.Tensor, h: torch.Tensor, state) -> torch.Tensor:
-        """The step output of a recurrent step over `positions` (B,) or (B, step_tokens) that
-        gave backbone outputs h (B, D); keeps their values in the state (value_input)."""
-        if not self.cfg.value_input:
-            return self.step_output(model, h)
-        per_position = positions.view(positions.shape[0], 1, -1)
-        anchor = self.anchors(per_position, state["values"])[:, 0]
-        state["values"].copy_(self.values(per_position)[:, 0])
-        return self.step_output(model, h, anchor)
-
-    def prefill_output(self, model, positions: torch.Tensor, h: torch.Tensor, state, return_all: bool):
-        """The step outputs of all T positions (B, T, ...) at once (return_all), or of the last."""
-        anchor = None
-        if self.cfg.value_input:
-            per_position = positions.view(positions.shape[0], positions.shape[1], -1)
-            anchor = self.anchors(per_position)
-            state["values"].copy_(self.values(per_position[:, -1]))
+    def prefill_output(self, model, h: torch.Tensor, nxt: torch.Tensor | None, return_all: bool):
+        """The step outputs of all T positions (B, T, ...) at once (return_all), or of the last,
+        from backbone outputs h (B, T, D) and the predictions `nxt` of `advance`."""
         if not return_all:
-            h, anchor = h[:, -1], None if anchor is None else anchor[:, -1]
-        return self.step_output(model, h, anchor)
+            h, nxt = h[:, -1], None if nxt is None else nxt[:, -1]
+        return self.step_output(model, h, nxt)
 
     def head_output(self, model, out: torch.Tensor, j: int, given: torch.Tensor | None = None) -> torch.Tensor:
         """The head output (what `heads(model)[j]` scores) of token j of the next position, from
@@ -173,15 +204,16 @@ class Layout:
         return torch.stack(tokens, 1), logp
 
     def forward(self, model, tokens: torch.Tensor, h: torch.Tensor, next_tokens: torch.Tensor | None,
-                check_tokens: bool) -> torch.Tensor:
+                check_tokens: bool, nxt: torch.Tensor | None = None) -> torch.Tensor:
         """Training: the backbone outputs h (B, P, D) of quantiser tokens (B, L, C) -> head
         outputs. `next_tokens`: the model's tokens of the positions after each (what a head
-        conditions on), when the layout needs them."""
+        conditions on), when the layout needs them; `nxt`: the predictions of the positions
+        after each (value input)."""
         raise NotImplementedError
 
     def nll_bits(self, model, batch: torch.Tensor, check_tokens: bool = True) -> torch.Tensor:
-        """batch: quantiser tokens (B, L + 1, C) -> NLL of every target in bits (B, L*C), in
-        the layout's target order (`per_channel` splits it)."""
+        """batch: quantiser tokens (B, W + L + 1, C), W = `warmup_frames` -> NLL of every target in
+        bits (B, L*C), in the layout's target order (`per_channel` splits it)."""
         raise NotImplementedError
 
     def per_channel(self, nll: torch.Tensor) -> list[torch.Tensor]:

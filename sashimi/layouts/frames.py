@@ -75,32 +75,35 @@ class Frames(Layout):
                 model.embedding.weight[c * V:(c + 1) * V] = embedding_init(V, D, cfg.embed_init, c) / math.sqrt(C)
             if cfg.value_input:  # the values carry the amplitude; the tables learn corrections
                 model.embedding.weight.zero_()
-        model.value_in = nn.Linear(C, D) if cfg.value_input else None
+        model.value_in = nn.Linear(self.value_features, D) if cfg.value_input else None
         model.right = RightGivenLeft(D, V, max(cfg.ff, 1), cfg.embed_init, cfg.value_input)
 
     def tables(self, model) -> torch.Tensor:
         """The embedding as kernels.embed_frames takes it: (C, V, D)."""
         return model.embedding.weight.view(self.cfg.channels, self.cfg.levels, -1)
 
-    def encode(self, model, tokens, check_tokens=True):
+    def encode(self, model, tokens, check_tokens=True, cur=None):
         x = kernels.embed_frames(tokens, self.tables(model), check=check_tokens,
                                  deterministic=torch.are_deterministic_algorithms_enabled(),
                                  backend=self.cfg.kernel_backend)
-        return self.with_values(model, x, tokens)
+        return self.with_values(model, x, tokens, cur)
 
-    def embed_steps(self, model, positions):
+    def embed_steps(self, model, positions, cur=None):
         offsets = torch.arange(self.cfg.channels, device=positions.device) * self.cfg.levels
         return self.with_values(model, F.embedding(positions.long() + offsets, model.embedding.weight).sum(-2),
-                                positions)
+                                positions, cur)
 
     def head_output(self, model, out, j, given=None):
         D = self.cfg.d_model
-        h = out[..., :D]               # value_input: the anchors follow h
+        h = out[..., :D]               # value_input: the prediction follows h
         head = self.heads(model)[j]
         o = head(h if j == 0 else model.right(h, given[..., 0]))
-        return o if not self.cfg.value_input else head.anchored(o, out[..., D + j])
+        if not self.cfg.value_input:
+            return o
+        first = None if j == 0 else grid_values(given[..., 0], self.levels(0))
+        return head.anchored(o, self.anchor(out[..., D:], j, first))
 
-    def forward(self, model, tokens, h, next_tokens, check_tokens):
+    def forward(self, model, tokens, h, next_tokens, check_tokens, nxt=None):
         if next_tokens is None or next_tokens.shape != h.shape[:2]:
             raise ValueError(f"the {self.name} layout needs next_left {tuple(h.shape[:2])} (the first "
                              f"channel of the next frames), got "
@@ -109,15 +112,16 @@ class Frames(Layout):
         right = model.right(h, next_tokens, check_tokens, self.cfg.kernel_backend)
         out = [heads[0](h), heads[1](right)]
         if self.cfg.value_input:
-            anchor = self.anchors(self.to_model(tokens))
-            out = [heads[c].anchored(o, anchor[..., c]) for c, o in enumerate(out)]
+            first = grid_values(next_tokens, self.levels(0))
+            out = [heads[c].anchored(o, self.anchor(nxt, c, first)) for c, o in enumerate(out)]
         return torch.stack(out, 2)
 
     def nll_bits(self, model, batch, check_tokens=True):
+        W = self.warmup_frames
         B, L1, C = batch.shape
-        L = L1 - 1
-        targets = self.to_model(batch[:, 1:])
-        out = model(batch[:, :L], check_tokens, next_left=targets[..., 0])
+        L = L1 - 1 - W
+        targets = self.to_model(batch[:, W + 1:])
+        out = model(batch[:, :W + L], check_tokens, next_left=targets[..., 0], warmup=W)
         with nvtx_range("sashimi/model/loss"):
             heads = self.heads(model)
             if heads[0] is heads[1]:     # one head for both channels: one call

@@ -34,32 +34,30 @@ class Interleave(Layout):
             model.embedding.weight.copy_(embedding_init(cfg.levels, cfg.d_model, cfg.embed_init))
             if cfg.value_input:  # the values carry the amplitude; the table learns corrections
                 model.embedding.weight.zero_()
-        model.value_in = nn.Linear(1, cfg.d_model) if cfg.value_input else None
+        model.value_in = nn.Linear(self.value_features, cfg.d_model) if cfg.value_input else None
         model.right = None
 
     def tables(self, model) -> torch.Tensor:
         return model.embedding.weight
 
-    def encode(self, model, tokens, check_tokens=True):
+    def encode(self, model, tokens, check_tokens=True, cur=None):
         # fp32 out even under bf16 autocast: it starts the residual stream, which stays fp32;
         # under torch.use_deterministic_algorithms the backward sums in a fixed order
         x = kernels.embed_interleave(tokens, model.embedding.weight, check=check_tokens,
                                      deterministic=torch.are_deterministic_algorithms_enabled(),
                                      backend=self.cfg.kernel_backend)
         B, L, C = tokens.shape
-        return self.with_values(model, x, tokens.reshape(B, L * C, 1))
+        return self.with_values(model, x, tokens.reshape(B, L * C, 1), cur)
 
-    def embed_steps(self, model, positions):
-        return self.with_values(model, F.embedding(positions.long(), model.embedding.weight), positions[..., None])
+    def embed_steps(self, model, positions, cur=None):
+        return self.with_values(model, F.embedding(positions.long(), model.embedding.weight), positions[..., None], cur)
 
     def step_output(self, model, h, anchor=None):
         out = model.head(h)           # one token per position: the step gives its distribution
         return out if anchor is None else model.head.anchored(out, anchor[..., 0])
 
-    def forward(self, model, tokens, h, next_tokens, check_tokens):
-        B, L, C = tokens.shape
-        anchor = self.anchors(tokens.reshape(B, L * C, 1)) if self.cfg.value_input else None
-        return self.step_output(model, h, anchor)
+    def forward(self, model, tokens, h, next_tokens, check_tokens, nxt=None):
+        return self.step_output(model, h, nxt)
 
     def head_output(self, model, out, j, given=None):
         return out
@@ -68,10 +66,11 @@ class Interleave(Layout):
         return model.head.log_prob(out, tokens[..., 0])[..., None]
 
     def nll_bits(self, model, batch, check_tokens=True):
+        W = self.warmup_frames
         B, L1, C = batch.shape
-        L = L1 - 1
-        out = model(batch[:, :L], check_tokens)
-        targets = batch.reshape(B, L1 * C)[:, 1: L * C + 1]
+        L = L1 - 1 - W
+        out = model(batch[:, :W + L], check_tokens, warmup=W)
+        targets = batch[:, W:].reshape(B, (L + 1) * C)[:, 1: L * C + 1]
         with nvtx_range("sashimi/model/loss"):
             return -model.head.log_prob(out, targets) / LN2
 

@@ -73,7 +73,7 @@ class MidSide(Frames):
                 model.embedding.weight[start:start + n] = embedding_init(n, D, cfg.embed_init, c) / math.sqrt(2)
             if cfg.value_input:  # the values carry the amplitude; the tables learn corrections
                 model.embedding.weight.zero_()
-        model.value_in = nn.Linear(2, D) if cfg.value_input else None
+        model.value_in = nn.Linear(self.value_features, D) if cfg.value_input else None
         model.right = RightGivenLeft(D, LEVELS, max(cfg.ff, 1), cfg.embed_init, cfg.value_input)
         model.side_head = HEADS[cfg.head].from_config(cfg, D, SIDE_LEVELS)
         if cfg.value_input:
@@ -82,12 +82,12 @@ class MidSide(Frames):
     def heads(self, model) -> list:
         return [model.head, model.side_head]
 
-    def encode(self, model, tokens, check_tokens=True):
+    def encode(self, model, tokens, check_tokens=True, cur=None):
         if check_tokens:
             check_range(tokens, LEVELS, "midside")
-        return self.embed_steps(model, self.to_model(tokens))
+        return self.embed_steps(model, self.to_model(tokens), cur)
 
-    def embed_steps(self, model, positions):
+    def embed_steps(self, model, positions, cur=None):
         offsets = torch.tensor([0, LEVELS], device=positions.device)
         return self.with_values(model, F.embedding(positions.long() + offsets, model.embedding.weight).sum(-2),
-                                positions)
+                                positions, cur)

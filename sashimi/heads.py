@@ -58,10 +58,10 @@ class CategoricalHead(nn.Module):
         return at
 
     @staticmethod
-    def anchored(out: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    def anchored(out: torch.Tensor, anchor: torch.Tensor, log_scale: torch.Tensor | None = None) -> torch.Tensor:
         return out  # a table has no location to move
 
-    def init_for_prediction(self) -> None:
+    def init_for_prediction(self, scaled: bool = False) -> None:
         pass
 
     @torch.no_grad()
@@ -121,17 +121,24 @@ class DMLHead(nn.Module):
     # 16-bit prediction (unscaled, Adam's steps alone jitter the means by thousands of steps)
     DELTA_SCALE = 2.0 ** -7
     INIT_LOG_SCALE = math.log(2.0 ** -8)     # a typical CD-music residual, ~128 16-bit steps
+    # a logistic of scale s has mean |x| = 2 ln 2 s: the scale that matches a predictor's running
+    # mean absolute residual
+    LOG_SCALE_OF_MEAN_ABS = -math.log(2.0 * math.log(2.0))
 
-    def init_for_prediction(self) -> None:
-        """value_input models start at the anchor with a residual-sized scale."""
+    def init_for_prediction(self, scaled: bool = False) -> None:
+        """value_input models start at the predictor's value with a residual-sized scale: a
+        typical one, or (`scaled`: the predictor gives a scale) the predictor's."""
         with torch.no_grad():
-            self.linear.bias[2 * self.m:] = self.INIT_LOG_SCALE
+            self.linear.bias[2 * self.m:] = self.LOG_SCALE_OF_MEAN_ABS if scaled else self.INIT_LOG_SCALE
 
     @classmethod
-    def anchored(cls, out: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    def anchored(cls, out: torch.Tensor, anchor: torch.Tensor, log_scale: torch.Tensor | None = None) -> torch.Tensor:
         """The head output with the mixture means made anchor + DELTA_SCALE x the network's
-        corrections (ModelConfig.value_input): anchor (...,) on the grid of [-1, 1]."""
+        corrections (ModelConfig.value_input): anchor (...,) on the grid of [-1, 1]; and, given
+        a predictor's `log_scale` (...,), the log scales made corrections to it."""
         w, mean, log_s = out.float().split(out.shape[-1] // 3, dim=-1)
+        if log_scale is not None:
+            log_s = log_s + log_scale.float().unsqueeze(-1)
         return torch.cat([w, anchor.float().unsqueeze(-1) + cls.DELTA_SCALE * mean, log_s], -1)
 
     def log_prob(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

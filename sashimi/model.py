@@ -427,7 +427,7 @@ class SaShiMi(nn.Module):
         if cfg.tie_weights:
             self.head.linear.weight = self.embedding.weight
         if cfg.value_input:
-            self.head.init_for_prediction()
+            self.head.init_for_prediction(self.layout.predictor.scales)
 
     def encode(self, tokens: torch.Tensor, check_tokens: bool = True, cur: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, L, C) -> the backbone's input (B, positions, D), as the layout embeds

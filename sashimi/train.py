@@ -34,6 +34,7 @@ from sashimi.cli import (UserError, atomic_output, check_at_most, check_fits, ch
 from sashimi.checkpoint import CheckpointError
 from sashimi.layouts import LAYOUTS
 from sashimi.model import PRESETS, ModelConfig, SaShiMi, count_parameters
+from sashimi.predictors import PREDICTORS
 from sashimi.s4 import S4Layer
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -73,7 +74,7 @@ class TrainConfig:
 # channels): read in one place each (model_flags, train_config_from_args), so a new flag is a
 # parser line plus its name here.
 MODEL_FLAGS = ("ssm", "bits", "quantization", "head", "n_mixtures", "tie_weights", "sample_rate",
-               "seq_len", "stereo_layout", "value_input")
+               "seq_len", "stereo_layout", "value_input", "predictor")
 TRAIN_FLAGS = ("data", "steps", "batch_size", "lr", "precision", "seed", "num_workers", "val_every",
                "checkpoint_every", "sample_every", "sample_seconds", "compile", "deterministic",
                "val_data", "val_crops")
@@ -97,8 +98,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-mixtures", type=int, default=None, help="DML mixtures (default 10)")
     p.add_argument("--tie-weights", action="store_true", default=None, help="tie the categorical head to the embedding")
     p.add_argument("--value-input", action=argparse.BooleanOptionalAction, default=None,
-                   help="the sample values enter as numbers and the DML means are corrections to a fixed "
-                        "2nd-order prediction (default: on for --quantization linear, mono or frames)")
+                   help="the sample values enter as numbers and the DML means are corrections to a "
+                        "predictor's (default: on for --quantization linear, mono, frames or midside)")
+    p.add_argument("--predictor", choices=tuple(PREDICTORS), default=None,
+                   help="with value input: cascade (adaptive least squares + NLMS, the codec's; default at "
+                        "16 bits) or fixed2 (2 x[t] - x[t-1]; default at 8 bits)")
     p.add_argument("--sample-rate", type=int, default=None, help="model sample rate in Hz (default 16000)")
     p.add_argument("--seq-len", type=int, default=None, help="frames per training example (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=None, help="examples per step per process (default 8)")
@@ -173,6 +177,8 @@ def model_config_from_args(args) -> ModelConfig:
     preset.update({k: v for k, v in model_flags(args).items() if v is not None})
     if args.value_input is None:   # on for linear audio wherever the layout takes values
         preset["value_input"] = preset.get("quantization") == "linear" and _takes_values(preset)
+    if args.predictor is None and preset.get("value_input") and preset.get("bits") == 16:
+        preset["predictor"] = "cascade"    # the adaptive predictor at CD depth (docs/codec.md)
     try:
         return ModelConfig(**preset)
     except ValueError as exc:

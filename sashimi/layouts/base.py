@@ -129,25 +129,32 @@ class Layout:
     def new_value_state(self, batch: int, device=None) -> dict:
         """The predictor's state before any position, and its prediction of position 0 (zeros)."""
         return dict(predictor=self.predictor.new_state(batch, device),
-                    anchor=torch.zeros(batch, 2 * self.step_tokens, device=device))
+                    anchor=torch.zeros(batch, 3 * self.step_tokens, device=device))
 
     def advance(self, positions: torch.Tensor, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the predictor through positions (B, T, step_tokens), updating `state` (from
-        new_value_state). Returns (cur, nxt), (B, T, 2 step_tokens) each: the predictions
-        (base, then gain: `anchor`) of positions 0..T-1 and of 1..T."""
-        base, gain = self.predictor.run(state["predictor"], positions)
-        nxt = torch.cat([base, gain], -1)
+        new_value_state). Returns (cur, nxt), (B, T, 3 step_tokens) each: the predictions
+        (base, gain, log scale: `anchor`) of positions 0..T-1 and of 1..T."""
+        base, gain, log_scale = self.predictor.run(state["predictor"], positions)
+        nxt = torch.cat([base, gain, log_scale], -1)
         cur = torch.cat([state["anchor"][:, None].to(nxt.dtype), nxt[:, :-1]], 1)
         state["anchor"].copy_(nxt[:, -1])
         return cur, nxt
 
     def anchor(self, pred: torch.Tensor, j: int, first: torch.Tensor | None = None) -> torch.Tensor:
-        """The prediction of slot j (...,) from a prediction (..., 2 step_tokens) and, for j > 0,
-        the grid value `first` (...,) of slot 0 of the same position."""
+        """The predicted value of slot j (...,) from a prediction (..., 3 step_tokens) and, for
+        j > 0, the grid value `first` (...,) of slot 0 of the same position."""
         S = self.step_tokens
         if j == 0:
             return pred[..., 0]
         return pred[..., j] + pred[..., S + j] * (first - 1.0 / (self.levels(0) - 1))
+
+    def anchored(self, head, o: torch.Tensor, pred: torch.Tensor, j: int, first: torch.Tensor | None = None):
+        """Head j's output `o` made a correction to the prediction `pred` (`anchor`), and to its
+        log scale where the predictor gives one."""
+        S = self.step_tokens
+        log_scale = pred[..., 2 * S + j] if self.predictor.scales else None
+        return head.anchored(o, self.anchor(pred, j, first), log_scale)
 
     # the residuals' scale as inputs: 2^7 on the grid (a residual of 256 16-bit steps) is 1
     RESIDUAL_SCALE = 2.0 ** 7

@@ -101,7 +101,7 @@ class Frames(Layout):
         if not self.cfg.value_input:
             return o
         first = None if j == 0 else grid_values(given[..., 0], self.levels(0))
-        return head.anchored(o, self.anchor(out[..., D:], j, first))
+        return self.anchored(head, o, out[..., D:], j, first)
 
     def forward(self, model, tokens, h, next_tokens, check_tokens, nxt=None):
         if next_tokens is None or next_tokens.shape != h.shape[:2]:
@@ -113,7 +113,7 @@ class Frames(Layout):
         out = [heads[0](h), heads[1](right)]
         if self.cfg.value_input:
             first = grid_values(next_tokens, self.levels(0))
-            out = [heads[c].anchored(o, self.anchor(nxt, c, first)) for c, o in enumerate(out)]
+            out = [self.anchored(heads[c], o, nxt, c, first) for c, o in enumerate(out)]
         return torch.stack(out, 2)
 
     def nll_bits(self, model, batch, check_tokens=True):

@@ -54,7 +54,7 @@ class Interleave(Layout):
 
     def step_output(self, model, h, anchor=None):
         out = model.head(h)           # one token per position: the step gives its distribution
-        return out if anchor is None else model.head.anchored(out, anchor[..., 0])
+        return out if anchor is None else self.anchored(model.head, out, anchor, 0)
 
     def forward(self, model, tokens, h, next_tokens, check_tokens, nxt=None):
         return self.step_output(model, h, nxt)

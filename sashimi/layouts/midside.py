@@ -77,7 +77,7 @@ class MidSide(Frames):
         model.right = RightGivenLeft(D, LEVELS, max(cfg.ff, 1), cfg.embed_init, cfg.value_input)
         model.side_head = HEADS[cfg.head].from_config(cfg, D, SIDE_LEVELS)
         if cfg.value_input:
-            model.side_head.init_for_prediction()
+            model.side_head.init_for_prediction(self.predictor.scales)
 
     def heads(self, model) -> list:
         return [model.head, model.side_head]

@@ -19,6 +19,7 @@ class Predictor:
     extra_inputs = 0      # features per channel slot beyond the value that enter the embedding
     graph_safe = True     # runs inside a CUDA graph (torch ops on the model's device only)
     warmup_frames = 0     # frames a training crop runs through before its first target
+    scales = False        # whether `run`'s log scale anchors the heads' scales too
 
     def __init__(self, layout):
         self.layout = layout
@@ -32,10 +33,11 @@ class Predictor:
         """The state before any position: a tensor or a dict of tensors, batch first."""
         raise NotImplementedError
 
-    def run(self, state, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, state, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Advance `state` (in place) through positions (B, T, S) of model tokens; return base,
-        gain (B, T, S) float32 on the positions' device, on the heads' grids of [-1, 1]: after
-        position t, slot j of position t + 1 is predicted as
+        gain, log_scale (B, T, S) float32 on the positions' device, on the heads' grids of
+        [-1, 1]: after position t, slot j of position t + 1 is predicted as
             base[:, t, j] + gain[:, t, j] * (v0 - 1 / (levels(0) - 1)),
-        v0 the grid value of slot 0 of position t + 1 (gain is 0 for slot 0)."""
+        v0 the grid value of slot 0 of position t + 1 (gain is 0 for slot 0), with a logistic
+        scale of about exp(log_scale) (used when `scales`)."""
         raise NotImplementedError

@@ -38,6 +38,8 @@ LS_RIDGE = 1e-9               # regularisation, relative to the mean input power
 NLMS_TAPS = (256, 32, 16)
 NLMS_MU = (0.03, 0.01, 0.004)
 NLMS_EPS = 1.0                # added to the input energy (PCM units squared)
+MABS_RATE = 1.0 / 16          # the running mean |residual| (the heads' scale anchor) follows ~16 frames
+MABS_START = 64.0             # ... from a quiet passage's (PCM units)
 _NLMS_OFFSETS = np.cumsum((0,) + NLMS_TAPS)
 
 
@@ -87,10 +89,11 @@ def _cholesky_solve(A, y, ridge, L, w):
 
 
 @njit(cache=True)
-def _frame(b, xt, hist, cov, xcov, w, u, chol, nbuf, npos, nw, nenergy, stage_pred, t_count,
-           base_out, gain_out, taps, offsets, mus):
+def _frame(b, xt, hist, cov, xcov, w, u, chol, nbuf, npos, nw, nenergy, stage_pred, t_count, mabs,
+           base_out, gain_out, scale_out, taps, offsets, mus):
     """Advance chunk b by one frame xt (C,) of PCM integers, then write the next frame's
-    prediction of each channel: base_out[c], gain_out[c] (see the module doc)."""
+    prediction of each channel: base_out[c], gain_out[c], and the running mean absolute
+    residual scale_out[c] (see the module doc)."""
     C, P = hist.shape[1], hist.shape[2]
     n = u.shape[2]
     S = taps.shape[0]
@@ -129,6 +132,7 @@ def _frame(b, xt, hist, cov, xcov, w, u, chol, nbuf, npos, nw, nenergy, stage_pr
             npos[b, c, s] = pos
             nenergy[b, c, s] += ei * ei - old * old
             e = err
+        mabs[b, c] += MABS_RATE * (abs(e) - mabs[b, c])
     t_count[b] += 1
     for c in range(C):                         # the channels' histories, newest first
         for k in range(P - 1, 0, -1):
@@ -168,20 +172,22 @@ def _frame(b, xt, hist, cov, xcov, w, u, chol, nbuf, npos, nw, nenergy, stage_pr
             total += p
         base_out[c] = total
         gain_out[c] = w[b, c, P] if (C == 2 and c == 1) else 0.0
+        scale_out[c] = mabs[b, c]
 
 
 @njit(cache=True)
-def _run(x, hist, cov, xcov, w, u, chol, nbuf, npos, nw, nenergy, stage_pred, t_count,
-         base, gain, taps, offsets, mus):
-    """x (B, T, C) int32 -> base, gain (B, T, C): the prediction of frame t + 1 after frame t."""
+def _run(x, hist, cov, xcov, w, u, chol, nbuf, npos, nw, nenergy, stage_pred, t_count, mabs,
+         base, gain, scale, taps, offsets, mus):
+    """x (B, T, C) int32 -> base, gain, scale (B, T, C): the prediction of frame t + 1 after frame t."""
     B, T = x.shape[0], x.shape[1]
     for b in range(B):
         for t in range(T):
             _frame(b, x[b, t], hist, cov, xcov, w, u, chol, nbuf, npos, nw, nenergy, stage_pred,
-                   t_count, base[b, t], gain[b, t], taps, offsets, mus)
+                   t_count, mabs, base[b, t], gain[b, t], scale[b, t], taps, offsets, mus)
 
 
-_STATE = ("hist", "cov", "xcov", "w", "u", "chol", "nbuf", "npos", "nw", "nenergy", "stage_pred", "t_count")
+_STATE = ("hist", "cov", "xcov", "w", "u", "chol", "nbuf", "npos", "nw", "nenergy", "stage_pred", "t_count",
+          "mabs")
 
 
 def new_state(batch: int, channels: int) -> dict:
@@ -198,7 +204,8 @@ def new_state(batch: int, channels: int) -> dict:
                 u=z(batch, channels, n, dtype=f64), chol=z(n, n, dtype=f64),
                 nbuf=z(batch, channels, 2 * total, dtype=f64), npos=z(batch, channels, S, dtype=i64),
                 nw=z(batch, channels, total, dtype=f64), nenergy=z(batch, channels, S, dtype=f64),
-                stage_pred=z(batch, channels, S + 1, dtype=f64), t_count=z(batch, dtype=i64))
+                stage_pred=z(batch, channels, S + 1, dtype=f64), t_count=z(batch, dtype=i64),
+                mabs=torch.full((batch, channels), MABS_START, dtype=f64))
 
 
 _TAPS = np.array(NLMS_TAPS, dtype=np.int64)
@@ -206,15 +213,16 @@ _OFFSETS = np.array(_NLMS_OFFSETS[:-1], dtype=np.int64)
 _MUS = np.array(NLMS_MU, dtype=np.float64)
 
 
-def run(state: dict, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def run(state: dict, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Advance each chunk's cascade through frames x (B, T, C) of PCM integers. Returns base,
-    gain (B, T, C) float64: after frame t, the prediction of frame t + 1 is base for the first
-    channel and base + gain * x[t + 1, 0] for the second (gain is 0 but for stereo R)."""
+    gain, mean_abs (B, T, C) float64: after frame t, the prediction of frame t + 1 is base for
+    the first channel and base + gain * x[t + 1, 0] for the second (gain is 0 but for stereo
+    R), and mean_abs the running mean absolute residual of the channel."""
     x = np.ascontiguousarray(x, dtype=np.int32)
     B, T, C = x.shape
-    base, gain = np.empty((B, T, C)), np.empty((B, T, C))
-    _run(x, *(state[k].numpy() for k in _STATE), base, gain, _TAPS, _OFFSETS, _MUS)
-    return base, gain
+    base, gain, mean_abs = np.empty((B, T, C)), np.empty((B, T, C)), np.empty((B, T, C))
+    _run(x, *(state[k].numpy() for k in _STATE), base, gain, mean_abs, _TAPS, _OFFSETS, _MUS)
+    return base, gain, mean_abs
 
 
 class Cascade(Predictor):
@@ -223,6 +231,7 @@ class Cascade(Predictor):
     name = "cascade"
     extra_inputs = 1          # each slot's residual against its prediction enters the embedding
     graph_safe = False        # numba on the CPU: a CUDA graph cannot hold it
+    scales = True             # the running mean absolute residual anchors the heads' scales
     warmup_frames = 4096      # a training crop's history before its targets (~0.1 s at 44.1 kHz)
 
     @classmethod
@@ -239,11 +248,11 @@ class Cascade(Predictor):
         levels = [self.layout.levels(j) for j in range(S)]
         centre = torch.tensor([lv // 2 for lv in levels], dtype=torch.int64)
         pcm = (positions.detach().cpu().long() - centre).numpy()
-        base, gain = run(state, pcm)
+        base, gain, mean_abs = run(state, pcm)
         # PCM -> the grid of [-1, 1]: token k sits at 2k / (levels - 1) - 1
         span = np.array([lv - 1 for lv in levels], dtype=np.float64)
         base = (2.0 * base + 1.0) / span
         gain = gain * (span[0] / span)
+        log_scale = np.log(np.maximum(mean_abs, 0.25) * (2.0 / span))
         dev = positions.device
-        return (torch.from_numpy(base).float().to(dev, non_blocking=True),
-                torch.from_numpy(gain).float().to(dev, non_blocking=True))
+        return tuple(torch.from_numpy(a).float().to(dev, non_blocking=True) for a in (base, gain, log_scale))

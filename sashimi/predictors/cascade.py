@@ -8,8 +8,8 @@ Per channel c and frame t (PCM integers x):
    channel's; the second channel of a frame also sees the first channel's *current* sample):
    the covariance of those inputs and their cross-covariance with the target, both forgetting
    with `LS_LAMBDA`, solved by Cholesky every `LS_SOLVE_EVERY` frames.
-2. NLMS stages (`NLMS_TAPS`): stage k predicts the residual that stage k-1 left from that
-   residual's own past (rounded to integers, so that a stage's input energy is exact).
+2. Sign-error NLMS stages (`NLMS_TAPS`): stage k predicts the residual that stage k-1 left from
+   that residual's own past (rounded to integers, so that a stage's input energy is exact).
 The prediction is the sum of the stages'. For the second channel of a stereo frame it is
 `base + gain * x[t, 0]`: `gain` is the least-squares weight of the first channel's current
 sample, so the prediction of R is known, as a function of L, before L is.
@@ -36,7 +36,7 @@ LS_SOLVE_EVERY = 8            # frames between Cholesky solves (the covariance u
 LS_RIDGE = 1e-9               # regularisation, relative to the mean input power (+1 absolute):
 #                               audio's covariance is ill-conditioned, 1e-3 cost 20% of the gain
 NLMS_TAPS = (256, 32, 16)
-NLMS_MU = (0.03, 0.01, 0.004)
+NLMS_MU = (0.002, 0.001, 0.001)
 NLMS_EPS = 1.0                # added to the input energy (PCM units squared)
 MABS_RATE = 1.0 / 16          # the running mean |residual| (the heads' scale anchor) follows ~16 frames
 MABS_START = 64.0             # ... from a quiet passage's (PCM units)
@@ -119,7 +119,9 @@ def _frame(b, xt, hist, cov, xcov, w, u, chol, nbuf, npos, nw, nenergy, stage_pr
             pos = npos[b, c, s]
             ei = np.floor(e + 0.5)             # the stage's input: the residual it predicts, rounded
             err = e - stage_pred[b, c, s + 1]
-            scale = mus[s] * err / (nenergy[b, c, s] + NLMS_EPS)
+            # sign-error NLMS: a transient's huge residual moves the weights no more than a small
+            # one (the error itself, at a note's onset, sent them into a blow-up of ~300 frames)
+            scale = mus[s] * (1.0 if err > 0.0 else -1.0 if err < 0.0 else 0.0) / np.sqrt(nenergy[b, c, s] + NLMS_EPS)
             wv = nw[b, c, o:o + T_s]
             h = nbuf[b, c, 2 * o + pos: 2 * o + pos + T_s]
             for k in range(T_s):

@@ -34,6 +34,7 @@ from sashimi.cli import (UserError, atomic_output, check_at_most, check_fits, ch
 from sashimi.checkpoint import CheckpointError
 from sashimi.layouts import LAYOUTS
 from sashimi.model import PRESETS, ModelConfig, SaShiMi, count_parameters
+from sashimi.heads import HEADS
 from sashimi.predictors import PREDICTORS
 from sashimi.s4 import S4Layer
 
@@ -94,7 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ssm", choices=("dplr", "diag"), default=None, help="S4 (DPLR, default) or S4D (diagonal)")
     p.add_argument("--bits", type=int, choices=(8, 16), default=None, help="quantisation bits (default 8)")
     p.add_argument("--quantization", choices=("mu-law", "linear"), default=None, help="default mu-law")
-    p.add_argument("--head", choices=("categorical", "dml"), default=None, help="default categorical")
+    p.add_argument("--head", choices=tuple(HEADS), default=None, help="default categorical")
     p.add_argument("--n-mixtures", type=int, default=None, help="DML mixtures (default 10)")
     p.add_argument("--tie-weights", action="store_true", default=None, help="tie the categorical head to the embedding")
     p.add_argument("--value-input", action=argparse.BooleanOptionalAction, default=None,
@@ -323,7 +324,7 @@ def check_run_fits(cfg: ModelConfig, train: TrainConfig, device: torch.device) -
     activation and gradient per backbone layer (batch, seq-len, head size: levels or 3 x
     mixtures); the fixed validation crops' tokens; a training sample's tokens and audio; the
     weights, gradients and AdamW's two moments."""
-    head = cfg.levels if cfg.head == "categorical" else 3 * cfg.n_mixtures
+    head = HEADS[cfg.head].output_size(cfg, cfg.levels)
     with torch.device("meta"):
         params = count_parameters(SaShiMi(dataclasses.replace(cfg, kernel_backend="reference")))
     sample = (train.sample_seconds * cfg.sample_rate * cfg.channels * 12) if train.sample_every else 0

@@ -258,3 +258,28 @@ class Cascade(Predictor):
         log_scale = np.log(np.maximum(mean_abs, 0.25) * (2.0 / span))
         dev = positions.device
         return tuple(torch.from_numpy(a).float().to(dev, non_blocking=True) for a in (base, gain, log_scale))
+
+
+def code_length_bits(x: np.ndarray, levels: int = 1 << 16) -> float:
+    """The cascade alone as a coder: total -log2 P of PCM integers x (B, T, C) (chunks of
+    frames, each started from one frame of silence as the codec does) under one discretised
+    logistic at the cascade's prediction with the scale of its running mean |residual|: what a
+    cascade model starts from before training (the DML head's initial output), so that a
+    codec's report can show what the network adds."""
+    x = np.asarray(x, dtype=np.int32)
+    B, T, C = x.shape
+    state = new_state(B, C)
+    first = run(state, np.zeros((B, 1, C), np.int32))
+    rest = run(state, x[:, :-1])
+    base, gain, mean_abs = (np.concatenate([a, b], 1) for a, b in zip(first, rest))
+    pred = base.copy()
+    if C == 2:
+        pred[..., 1] += gain[..., 1] * x[..., 0]
+    s = np.maximum(mean_abs, 0.25) / (2.0 * np.log(2.0))      # the logistic of that mean |x|
+    lo, hi = -(levels // 2), levels // 2 - 1
+
+    def cdf(v):
+        return 0.5 * (1.0 + np.tanh((v - pred) / (2.0 * s)))
+    upper = np.where(x >= hi, 1.0, cdf(x + 0.5))
+    lower = np.where(x <= lo, 0.0, cdf(x - 0.5))
+    return float(-np.log2(np.maximum(upper - lower, 1e-300)).sum())

@@ -208,8 +208,8 @@ def generate_audio(model: SaShiMi, frames: int, batch: int, quantizer: Quantizer
     cfg = model.cfg
     C = cfg.channels
     device = model.embedding.weight.device
-    if cuda_graphs is None:
-        cuda_graphs = device.type == "cuda"
+    if cuda_graphs is None:   # a predictor on the CPU (the cascade) cannot ride in a graph
+        cuda_graphs = device.type == "cuda" and (not model.cfg.value_input or model.layout.predictor.graph_safe)
     elif cuda_graphs and device.type != "cuda":
         raise ValueError(f"cuda_graphs=True needs a model on a CUDA device, got {device}")
     gen = torch.Generator(device=device).manual_seed(seed)

@@ -184,3 +184,31 @@ def test_the_warm_up_runs_the_predictor_only():
         out_warm = model(tokens[:, :-1], next_left=tokens[:, -64:, 0], warmup=W)
     assert nll.shape == (1, 64 * 2) and torch.isfinite(nll).all()
     assert out_cold.shape == out_warm.shape and not torch.equal(out_cold, out_warm)
+
+
+def test_a_cascade_model_codes_stereo_bit_exact(tmp_path):
+    """The codec with a stereo frames model on the cascade (the 16-bit linear default): the
+    decoded WAV is the input, byte for byte, also when the caller's thread count differs."""
+    import soundfile as sf
+    from sashimi.checkpoint import load_model
+    from sashimi.compress import main as compress_main
+    from sashimi.decompress import main as decompress_main
+    from sashimi.train import main as train_main
+    assert train_main(["--stereo", "--stereo-layout", "frames", "--bits", "16", "--quantization", "linear",
+                       "--head", "dml", "--steps", "2", "--seq-len", "64", "--batch-size", "2", "--num-workers", "0",
+                       "--val-every", "1000", "--device", "cpu", "--sample-rate", "8000", "--out", str(tmp_path / "m")]) == 0
+    ckpt = tmp_path / "m" / "checkpoint.pt"
+    model, _ = load_model(ckpt, torch.device("cpu"))
+    assert model.cfg.predictor == "cascade" and model.cfg.value_input
+    src = tmp_path / "in.wav"
+    sf.write(str(src), music(8000 * 3 // 2, 2, seed=5).astype(np.int16), 8000, subtype="PCM_16")
+    assert compress_main(["--checkpoint", str(ckpt), str(src), str(tmp_path / "x.sash"), "--chunk-seconds", "0.5",
+                          "--quiet"]) == 0
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2 if threads == 1 else 1)
+        assert decompress_main(["--checkpoint", str(ckpt), str(tmp_path / "x.sash"), str(tmp_path / "out.wav"),
+                                "--quiet"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert (tmp_path / "out.wav").read_bytes() == src.read_bytes()

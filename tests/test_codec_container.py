@@ -32,7 +32,7 @@ def coded(tmp_path_factory):
     sf.write(str(root / "in.wav"), (0.2 * rng.standard_normal((300, 1))).astype(np.float32), RATE,
              subtype="PCM_16")
     assert compress_main(["--checkpoint", str(ckpt), str(root / "in.wav"), str(root / "x.sash"),
-                          "--chunk-seconds", str(100 / RATE), "--quiet"]) == 0
+                          "--chunk-seconds", str(100 / RATE), "--jobs", "1", "--quiet"]) == 0
     return ckpt, root / "x.sash"
 
 

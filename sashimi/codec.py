@@ -66,9 +66,10 @@ from sashimi.quantize import KINDS, Quantizer
 from sashimi.session import Session
 
 MAGIC = b"SASHIMI1"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)         # 2: 64-symbol stages, every edge evaluated; a CRC per chunk
 MAX_HEADER_BYTES = 1 << 24          # a header lists a CRC per chunk: 16 MiB is ~200,000 chunks
-STAGE_SYMBOLS = 64                 # the widest table coded per stage
+STAGE_SYMBOLS = 4                  # the widest table coded per stage (format 3)
 DEFAULT_GROUP_CHUNKS = 256          # the batch width of a Chunking made without a choice
 TARGET_ROWS = 2048                  # auto chunking: chunks per group (the batch width)
 MIN_CHUNK_FRAMES = 1024             # auto chunking: the shortest chunk
@@ -153,12 +154,12 @@ def _device(model: SaShiMi) -> torch.device:
 
 # ------------------------------------------------------------------- the coded interval
 
-def stage_sizes(levels: int) -> list[int]:
-    """The alphabet 2^bits as digits of at most STAGE_SYMBOLS symbols, most significant first."""
+def stage_sizes(levels: int, stage_symbols: int = STAGE_SYMBOLS) -> list[int]:
+    """The alphabet 2^bits as digits of at most `stage_symbols` symbols, most significant first."""
     bits, out = int(levels).bit_length() - 1, []
     if 1 << bits != levels:
         raise ValueError(f"levels must be a power of two, got {levels}")
-    per = STAGE_SYMBOLS.bit_length() - 1
+    per = stage_symbols.bit_length() - 1
     while bits > 0:
         b = min(per, bits)
         out.append(1 << b)
@@ -168,46 +169,68 @@ def stage_sizes(levels: int) -> list[int]:
 
 class IntervalCoder:
     """Codes tokens through the head's CDF at each stage's edges (see the module doc): the
-    encoder and the decoder call `stage_table` with the same floats and get the same table."""
+    encoder and the decoder make the same calls with the same floats and get the same tables.
 
-    def __init__(self, head, levels: int):
+    A stage's two outer edges are the inner edges of the digit chosen before it, so only its
+    size - 1 inner edges are evaluated (format 3: 4-symbol stages, 3 new edges each, 24 per
+    16-bit token). Format 2 evaluated all size + 1 edges of 64-symbol stages (147 per token)."""
+
+    def __init__(self, head, levels: int, stage_symbols: int = STAGE_SYMBOLS, reuse_edges: bool = True):
         import constriction
-        self.head, self.levels, self.sizes = head, levels, stage_sizes(levels)
+        self.head, self.levels, self.sizes = head, levels, stage_sizes(levels, stage_symbols)
+        self.reuse = reuse_edges
         self.family = constriction.stream.model.Categorical(perfect=False)
 
-    @staticmethod
-    def stage_table(cdf, lo: torch.Tensor, width: int, size: int) -> np.ndarray:
-        """float64 (A, size): P(digit) of the symbols [lo + d width, lo + (d + 1) width), from
-        the head's `cdf(out)`."""
-        edges = lo[:, None] + torch.arange(size + 1) * width
-        cdf = cdf(edges.to(cdf.device)).cpu()
-        p = (cdf[:, 1:] - cdf[:, :-1]).clamp_(min=0.0)
+    def _stage(self, cdf, lo: torch.Tensor, width: int, size: int, below, above):
+        """float64 (A, size) P(digit) of the symbols [lo + d width, lo + (d + 1) width) as numpy,
+        and the CDF at the size + 1 edges (A, size + 1); below / above: the CDF at the outer
+        edges (A,), known from the stage before (None: compute them, format 2)."""
+        if self.reuse:
+            inner = cdf((lo[:, None] + torch.arange(1, size) * width).to(cdf.device))
+            full = torch.cat([below[:, None], inner, above[:, None]], 1)
+        else:
+            full = cdf((lo[:, None] + torch.arange(size + 1) * width).to(cdf.device))
+        full = full.cpu()
+        p = (full[:, 1:] - full[:, :-1]).clamp_(min=0.0)
         # far in a tail float64 runs out (every difference 0): code that digit uniformly; both
         # sides see the same floats, so both take this branch
         lost = ~(p.sum(1) > 1e-200)
-        return p.masked_fill_(lost[:, None], 1.0).numpy()
+        return p.masked_fill_(lost[:, None], 1.0).numpy(), full
+
+    def _start(self, n: int):
+        return (torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.float64),
+                torch.ones(n, dtype=torch.float64))
+
+    @staticmethod
+    def _narrow(full: torch.Tensor, digit: torch.Tensor):
+        d = digit[:, None]
+        return full.gather(1, d)[:, 0], full.gather(1, d + 1)[:, 0]
 
     def encode(self, coder, out: torch.Tensor, symbols: torch.Tensor) -> np.ndarray:
         """Code symbols (A,) given head outputs (A, ...); returns their ideal cost in bits (A,)."""
-        lo, width, bits = torch.zeros_like(symbols), self.levels, np.zeros(len(symbols))
+        (lo, below, above), width, bits = self._start(len(symbols)), self.levels, np.zeros(len(symbols))
         cdf = self.head.cdf(out)
+        rows = np.arange(len(symbols))
         for size in self.sizes:
             width //= size
-            p = self.stage_table(cdf, lo, width, size)
+            p, full = self._stage(cdf, lo, width, size, below, above)
             digit = (symbols - lo) // width
             d = digit.numpy().astype(np.int32)
             coder.encode(d, self.family, p)
-            bits -= np.log2(np.maximum(p[np.arange(len(d)), d] / p.sum(1), 1e-300))
+            bits -= np.log2(np.maximum(p[rows, d] / p.sum(1), 1e-300))
             lo = lo + digit * width
+            below, above = self._narrow(full, digit)
         return bits
 
     def decode(self, coder, out: torch.Tensor) -> torch.Tensor:
-        lo, width = torch.zeros(out.shape[0], dtype=torch.long), self.levels
+        (lo, below, above), width = self._start(out.shape[0]), self.levels
         cdf = self.head.cdf(out)
         for size in self.sizes:
             width //= size
-            p = self.stage_table(cdf, lo, width, size)
-            lo = lo + torch.from_numpy(np.asarray(coder.decode(self.family, p), dtype=np.int64)) * width
+            p, full = self._stage(cdf, lo, width, size, below, above)
+            digit = torch.from_numpy(np.asarray(coder.decode(self.family, p), dtype=np.int64))
+            lo = lo + digit * width
+            below, above = self._narrow(full, digit)
         return lo
 
 
@@ -330,7 +353,8 @@ def encode_group(model: SaShiMi, frames: np.ndarray, lengths: list[int]) -> tupl
 
 
 @torch.no_grad()
-def decode_group(model: SaShiMi, stream: np.ndarray, lengths: list[int], sink) -> None:
+def decode_group(model: SaShiMi, stream: np.ndarray, lengths: list[int], sink,
+                 version: int = FORMAT_VERSION) -> None:
     """One group's stream -> its tokens, handed to `sink(first_frame, block)` every
     FLUSH_FRAMES frames as the file's tokens (rows, frames, C) int32: memory stays a fixed
     block whatever the chunk length claims."""
@@ -340,7 +364,7 @@ def decode_group(model: SaShiMi, stream: np.ndarray, lengths: list[int], sink) -
     with _one_thread():
         session = Session(model, rows, setup=False)
         zero = model.cfg.quantizer.zero_token
-        coders = channel_coders(model)
+        coders = channel_coders(model, version)
         dec = constriction.stream.queue.RangeDecoder(stream)
         ends = [n * C for n in lengths]
         block = min(L, FLUSH_FRAMES)
@@ -367,10 +391,18 @@ def decode_group(model: SaShiMi, stream: np.ndarray, lengths: list[int], sink) -
                 first += n
 
 
-def channel_coders(model: SaShiMi) -> list[IntervalCoder]:
-    """The coder of each channel slot of a position: its head on its grid (the layout's)."""
+def channel_coders(model: SaShiMi, version: int = FORMAT_VERSION) -> list[IntervalCoder]:
+    """The coder of each channel slot of a position: its head on its grid (the layout's), as
+    format `version` codes it."""
     layout = model.layout
-    return [IntervalCoder(head, layout.levels(j)) for j, head in enumerate(layout.heads(model))]
+    how = dict(stage_symbols=STAGE_SYMBOLS) if version >= 3 else dict(stage_symbols=64, reuse_edges=False)
+    return [IntervalCoder(head, layout.levels(j), **how) for j, head in enumerate(layout.heads(model))]
+
+
+def group_crc(chunk_crcs) -> int:
+    """A group's token CRC: the CRC-32 of its chunks' token CRCs (each of the chunk's tokens,
+    (frames, C) int32 little-endian, in the file's channels)."""
+    return zlib.crc32(np.asarray(list(chunk_crcs), dtype="<u4").tobytes())
 
 
 def _group_frames(tokens: np.ndarray, chunks: Chunking, group: range, zero: int) -> tuple[np.ndarray, list[int]]:
@@ -481,21 +513,22 @@ def _pad_to_bound(streams: list[np.ndarray], chunks: Chunking, channels: int) ->
 # --------------------------------------------------------------------------------- decoding
 
 def decode_tokens(model: SaShiMi, streams: list[np.ndarray], chunks: Chunking, progress: bool = False,
-                  crcs: list[int] | None = None) -> np.ndarray:
+                  crcs: list[int] | None = None, version: int = FORMAT_VERSION) -> np.ndarray:
     """The tokens (frames, C) int32 from the groups' streams, in this process (measurements,
-    tests); `crcs`: each chunk's token CRC, checked as its group ends."""
+    tests); `crcs`: each group's token CRC, checked as the group ends."""
     C = model.cfg.channels
     tokens = np.empty((chunks.frames, C), dtype=np.int32)
     for g, (group, stream) in enumerate(zip(chunks.groups(), streams)):
-        _decode_one(model, g, group, stream, chunks, crcs, lambda row, first, block, g=group:
-                    tokens.__setitem__(slice((g.start + row) * chunks.chunk_frames + first,
-                                             (g.start + row) * chunks.chunk_frames + first + len(block)), block))
+        def put(row, first, block, group=group):
+            start = (group.start + row) * chunks.chunk_frames + first
+            tokens[start:start + len(block)] = block
+        _decode_one(model, group, stream, None if crcs is None else crcs[g], put, chunks, version)
     return tokens
 
 
-def _decode_one(model, g: int, group: range, stream, chunks: Chunking, crcs, put) -> None:
-    """Decode group g, handing each chunk's tokens to put(row, first_frame, tokens) in order,
-    and check each chunk's CRC the moment the group ends: the first bad group stops the run."""
+def _decode_one(model, group: range, stream, crc, put, chunks: Chunking, version: int) -> None:
+    """Decode a group, handing each chunk's tokens to put(row, first_frame, tokens) in order,
+    and check its CRC the moment it ends: the first bad group stops the run."""
     lengths = [chunks.length(i) for i in group]
     running = [0] * len(group)
 
@@ -505,18 +538,17 @@ def _decode_one(model, g: int, group: range, stream, chunks: Chunking, crcs, put
             if len(part):
                 running[row] = zlib.crc32(np.ascontiguousarray(part, dtype="<i4").tobytes(), running[row])
                 put(row, first, part)
+    what = f"chunk {group.start + 1}" if len(group) == 1 else f"chunks {group.start + 1}-{group.stop}"
     try:
-        decode_group(model, stream, lengths, sink)
+        decode_group(model, stream, lengths, sink, version)
     except CodecError as exc:
-        raise CodecError(f"chunks {group.start + 1}-{group.stop}: {exc}") from None
-    if crcs is not None:
-        for row, i in enumerate(group):
-            if running[row] != crcs[i]:
-                raise CodecError(f"chunk {i + 1} decoded to other samples than were encoded")
+        raise CodecError(f"{what}: {exc}") from None
+    if crc is not None and group_crc(running) != crc:
+        raise CodecError(f"{what} decoded to other samples than were encoded")
 
 
 def _decode_task(task):
-    g, group, stream, chunks, crcs, path = task
+    group, stream, chunks, crc, path, version = task
     channels, quantizer = _MODEL.cfg.channels, _MODEL.cfg.quantizer
     with open(path, "r+b") as fh:
         fd = fh.fileno()
@@ -524,8 +556,7 @@ def _decode_task(task):
         def put(row, first, tokens):
             offset = WAV_HEADER_BYTES + ((group.start + row) * chunks.chunk_frames + first) * channels * 2
             os.pwrite(fd, restored_pcm16(quantizer, torch.from_numpy(tokens)).astype("<i2").tobytes(), offset)
-        _decode_one(_MODEL, g, group, stream, chunks, crcs, put)
-    return g
+        _decode_one(_MODEL, group, stream, crc, put, chunks, version)
 
 
 def measure_round_trip(model: SaShiMi, tokens: np.ndarray, chunks: Chunking, sync=lambda: None) -> dict:
@@ -566,11 +597,11 @@ def token_crc(tokens: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(tokens, dtype="<i4").tobytes())
 
 
-def write_container(path: Path, header: dict, streams: list[np.ndarray], token_crcs: list[int],
+def write_container(path: Path, header: dict, streams: list[np.ndarray], group_crcs: list[int],
                     overwrite: bool = True) -> int:
     payloads = [s.astype("<u4").tobytes() for s in streams]
     header = dict(header, streams=[dict(bytes=len(p), crc32=zlib.crc32(p)) for p in payloads],
-                  chunk_tokens_crc32=token_crcs)
+                  group_tokens_crc32=group_crcs)
     blob = json.dumps(header, sort_keys=True).encode()
     data = MAGIC + struct.pack("<I", len(blob)) + blob + struct.pack("<I", zlib.crc32(blob)) + b"".join(payloads)
     atomic_write(path, data, overwrite)
@@ -602,7 +633,7 @@ def _is_int(v) -> bool:
 
 # the header's schema: name -> (check, what it must be)
 _HEADER = {
-    "format_version": (lambda v: v == FORMAT_VERSION, f"{FORMAT_VERSION}"),
+    "format_version": (lambda v: v in READABLE_VERSIONS, f"{FORMAT_VERSION}"),
     "checkpoint_sha256": (lambda v: isinstance(v, str) and len(v) == 64
                           and all(c in "0123456789abcdef" for c in v), "64 hex digits"),
     "sample_rate": (lambda v: _is_int(v) and 1 <= v <= 1_000_000, "an integer in [1, 1000000]"),
@@ -619,7 +650,7 @@ _HEADER = {
         isinstance(s, dict) and set(s) == {"bytes", "crc32"} and _is_int(s["bytes"]) and s["bytes"] >= 0
         and s["bytes"] % 4 == 0 and _is_int(s["crc32"]) and 0 <= s["crc32"] < 2**32 for s in v),
         "a list of {bytes, crc32}"),
-    "chunk_tokens_crc32": (lambda v: isinstance(v, list) and all(_is_int(c) and 0 <= c < 2**32 for c in v),
+    "group_tokens_crc32": (lambda v: isinstance(v, list) and all(_is_int(c) and 0 <= c < 2**32 for c in v),
                            "a list of CRC-32s"),
 }
 
@@ -634,32 +665,42 @@ def _validated_header(path: Path, blob: bytes, payload_bytes: int) -> dict:
     if not isinstance(header, dict):
         raise CodecError(f"{path}: the header is not a JSON object")
     version = header.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CodecError(f"{path} has format version {version!r}; this version reads {FORMAT_VERSION}"
+    if version not in READABLE_VERSIONS:
+        raise CodecError(f"{path} has format version {version!r}; this version reads "
+                         f"{', '.join(map(str, READABLE_VERSIONS))}"
                          + (" (re-compress it with this version)" if version == 1 else ""))
-    for name, (ok, want) in _HEADER.items():
+    crc_field = "group_tokens_crc32" if version >= 3 else "chunk_tokens_crc32"
+    schema = {("chunk_tokens_crc32" if k == "group_tokens_crc32" and version < 3 else k): v
+              for k, v in _HEADER.items()}
+    for name, (ok, want) in schema.items():
         if name not in header:
             raise CodecError(f"{path}: the header has no {name!r}")
         if not ok(header[name]):
             raise CodecError(f"{path}: header field {name!r} must be {want}, got {_short(header[name])}")
-    unknown = set(header) - set(_HEADER)
+    unknown = set(header) - set(schema)
     if unknown:
         raise CodecError(f"{path}: unknown header fields {sorted(unknown)[:5]}")
-    chunks = Chunking(header["frames"], header["chunk_frames"], header["group_chunks"])
-    if len(header["chunk_tokens_crc32"]) != chunks.count:
-        raise CodecError(f"{path}: the header lists {len(header['chunk_tokens_crc32'])} chunks but its "
-                         f"frames and chunk size make {chunks.count}")
-    if len(header["streams"]) != len(chunks.groups()):
-        raise CodecError(f"{path}: the header lists {len(header['streams'])} streams for "
-                         f"{len(chunks.groups())} groups of chunks")
     if sum(s["bytes"] for s in header["streams"]) != payload_bytes:
         raise CodecError(f"{path}: the streams add up to {sum(s['bytes'] for s in header['streams'])} bytes "
                          f"but the file holds {payload_bytes} after the header (truncated or extended)")
+    # the decoder's work, before anything that grows with the claimed length
+    chunks = Chunking(header["frames"], header["chunk_frames"], header["group_chunks"])
     work, most = chunks.work(header["channels"]), FREE_TOKENS + TOKENS_PER_BYTE * payload_bytes
     if work > most:
         raise CodecError(f"{path} claims {chunks.frames:,} frames in groups of {chunks.group_chunks} chunks: "
                          f"{work:,} tokens of decoding, more than its {payload_bytes:,} bytes of stream can hold "
                          f"(at most {most:,}): a damaged or crafted header")
+    groups = -(-chunks.count // chunks.group_chunks)
+    want = chunks.count if version < 3 else groups
+    if len(header[crc_field]) != want:
+        raise CodecError(f"{path}: the header lists {len(header[crc_field])} CRCs but its frames and chunking "
+                         f"make {want} {'chunks' if version < 3 else 'groups of chunks'}")
+    if len(header["streams"]) != groups:
+        raise CodecError(f"{path}: the header lists {len(header['streams'])} streams for "
+                         f"{groups} groups of chunks")
+    if version < 3:
+        listed = header.pop("chunk_tokens_crc32")
+        header["group_tokens_crc32"] = [group_crc(listed[g.start:g.stop]) for g in chunks.groups()]
     return header
 
 
@@ -772,8 +813,8 @@ def _compress_start(model, digest, in_path: Path, out_path: Path, chunk_seconds,
         bar.refresh()
     t0 = time.perf_counter()
     finish = _encode_start(model, tokens, chunks, workers, bar)
-    crcs = [token_crc(tokens[i * chunks.chunk_frames: i * chunks.chunk_frames + chunks.length(i)])
-            for i in range(chunks.count)]
+    crcs = [group_crc(token_crc(tokens[i * chunks.chunk_frames: i * chunks.chunk_frames + chunks.length(i)])
+                      for i in group) for group in chunks.groups()]
 
     def done() -> dict:
         streams, nll = finish()
@@ -853,8 +894,8 @@ def decompress(checkpoint_path, in_path, out_path, progress: bool = True, say=pr
             with open(tmp, "wb") as fh:
                 fh.write(_wav_header(chunks.frames, C, cfg.sample_rate))
                 fh.truncate(WAV_HEADER_BYTES + data_bytes)
-            tasks = [(g, group, stream, chunks, header["chunk_tokens_crc32"], str(tmp))
-                     for g, (group, stream) in enumerate(zip(chunks.groups(), streams))]
+            tasks = [(group, stream, chunks, crc, str(tmp), header["format_version"])
+                     for group, stream, crc in zip(chunks.groups(), streams, header["group_tokens_crc32"])]
             workers.submit(_decode_task, tasks, bar)()
     except CodecError as exc:
         # the header's machine facts are this machine's (checked above): the file is at fault

@@ -45,6 +45,7 @@ is why the schema is checked too.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import json
@@ -69,6 +70,7 @@ MAGIC = b"SASHIMI1"
 FORMAT_VERSION = 3
 READABLE_VERSIONS = (2, 3)         # 2: 64-symbol stages, every edge evaluated; a CRC per chunk
 MAX_HEADER_BYTES = 1 << 24          # a header lists a CRC per chunk: 16 MiB is ~200,000 chunks
+UNIFORM_WEIGHT = 2.0 ** -10          # format 3 codes (1 - w) model + w uniform: see IntervalCoder
 STAGE_SYMBOLS = 4                  # the widest table coded per stage (format 3)
 DEFAULT_GROUP_CHUNKS = 256          # the batch width of a Chunking made without a choice
 TARGET_ROWS = 2048                  # auto chunking: chunks per group (the batch width)
@@ -78,9 +80,11 @@ FLUSH_FRAMES = 1024                 # the decoder hands on its tokens every this
 # The decoder's work is bounded by the file (not by this machine's memory): a file may ask
 # for at most FREE_TOKENS + TOKENS_PER_BYTE x its stream bytes of work (Chunking.work); the
 # encoder pads the few files that code below that (near-silence: 0.5 bits/sample) with zeros.
+# FREE_TOKENS is a few seconds of decoding at worst (one-row groups), so a crafted file is
+# refused by its first group's CRC within seconds on any machine.
 TOKENS_PER_BYTE = 16
-FREE_TOKENS = 1 << 18
-MIN_ROWS_CHARGED = 64               # a step costs about this many rows' work however narrow
+FREE_TOKENS = 1 << 15
+MIN_ROWS_CHARGED = 128              # a step costs about this many rows' work however narrow
 
 
 class CodecError(UserError):
@@ -186,7 +190,11 @@ class IntervalCoder:
         and the CDF at the size + 1 edges (A, size + 1); below / above: the CDF at the outer
         edges (A,), known from the stage before (None: compute them, format 2)."""
         if self.reuse:
-            inner = cdf((lo[:, None] + torch.arange(1, size) * width).to(cdf.device))
+            edges = lo[:, None] + torch.arange(1, size) * width
+            inner = cdf(edges.to(cdf.device)).cpu()
+            # the model mixed with a uniform distribution (UNIFORM_WEIGHT): no token costs more
+            # than bits + 10 however confidently the model misses it (0 and 1 stay 0 and 1)
+            inner = inner * (1.0 - UNIFORM_WEIGHT) + edges.double() * (UNIFORM_WEIGHT / self.levels)
             full = torch.cat([below[:, None], inner, above[:, None]], 1)
         else:
             full = cdf((lo[:, None] + torch.arange(size + 1) * width).to(cdf.device))
@@ -254,17 +262,17 @@ class Chunking:
         return [range(g, min(g + self.group_chunks, self.count)) for g in range(0, self.count, self.group_chunks)]
 
     def group_work(self, group: range, channels: int) -> int:
-        """The decoder's work for a group, in tokens: its steps times its rows, a group of fewer
-        than MIN_ROWS_CHARGED rows charged as that many (a step costs about that much however
-        narrow the batch)."""
-        return self.length(group.start) * channels * max(len(group), MIN_ROWS_CHARGED)
+        """The decoder's work for a group, in tokens: its steps (and the silent frame it starts
+        from) times its rows, a group of fewer than MIN_ROWS_CHARGED rows charged as that many
+        (a step costs about that much however narrow the batch)."""
+        return (self.length(group.start) + 1) * channels * max(len(group), MIN_ROWS_CHARGED)
 
     def work(self, channels: int) -> int:
         """group_work summed over the groups: every group but the last starts with a whole
         chunk (arithmetic, not a loop over 10^5 groups)."""
         n = -(-self.count // self.group_chunks)
         last = range((n - 1) * self.group_chunks, self.count)
-        return ((n - 1) * self.chunk_frames * channels * max(self.group_chunks, MIN_ROWS_CHARGED)
+        return ((n - 1) * (self.chunk_frames + 1) * channels * max(self.group_chunks, MIN_ROWS_CHARGED)
                 + self.group_work(last, channels))
 
 
@@ -323,7 +331,8 @@ def _tick(n: int) -> None:
 
 
 @torch.no_grad()
-def encode_group(model: SaShiMi, frames: np.ndarray, lengths: list[int]) -> tuple[np.ndarray, np.ndarray]:
+def encode_group(model: SaShiMi, frames: np.ndarray, lengths: list[int],
+                 version: int = FORMAT_VERSION) -> tuple[np.ndarray, np.ndarray]:
     """One group: frames (rows, L, C) int32, the file's tokens of each chunk (padded to the
     longest), and each chunk's length in frames -> (its range-coder words, the model's ideal
     cost in bits per model channel (C,))."""
@@ -336,7 +345,7 @@ def encode_group(model: SaShiMi, frames: np.ndarray, lengths: list[int]) -> tupl
         ends = [n * C for n in lengths]
         for row, end in enumerate(ends):
             tokens[row, end:] = zero
-        coders = channel_coders(model)
+        coders = channel_coders(model, version)
         enc = constriction.stream.queue.RangeEncoder()
         nll = np.zeros(C)
         session.start()
@@ -438,7 +447,7 @@ class Workers:
     def __init__(self, model: SaShiMi, jobs: int):
         import multiprocessing
         global _MODEL, _DONE
-        self.model, self.pool = model, None
+        self.model, self.pool, self.jobs = model, None, jobs
         _MODEL, _DONE = model, multiprocessing.get_context("fork").Value("q", 0)
         if jobs > 1 and _device(model).type == "cpu":
             torch.set_num_threads(1)    # no thread pool in the parent to inherit half-made
@@ -463,14 +472,26 @@ class Workers:
                     _show(bar)
                 return results
             return run_here
-        pending = [self.pool.apply_async(fn, (t,)) for t in tasks]
+        # a few tasks in flight at a time: memory stays bounded, and ending the pool never
+        # waits on a queue of thousands (a file may hold 10^5 groups)
+        todo, pending = collections.deque(tasks), []
+        window = 2 * self.jobs
+
+        def top_up():
+            while todo and len(pending) < window:
+                pending.append(self.pool.apply_async(fn, (todo.popleft(),)))
+        top_up()
 
         def wait():
-            for p in pending:
+            results = []
+            while pending:
+                p = pending.pop(0)
                 while not p.ready():
                     p.wait(0.5)
                     _show(bar)
-            return [p.get() for p in pending]
+                results.append(p.get())
+                top_up()
+            return results
         return wait
 
 
@@ -782,15 +803,17 @@ def compress_files(checkpoint_path, pairs, chunk_seconds: float | None = None, p
     model, digest = loaded or load_model(checkpoint_path, device)
     bar = _progress(0, progress, "coding")
     reports, pending = [], []
-    with Workers(model, jobs) as workers:
-        for src, dst in pairs:
-            pending.append(_compress_start(model, digest, Path(src), Path(dst), chunk_seconds, group_chunks,
-                                           workers, bar, jobs, overwrite, flac, say))
-            while len(pending) > 1:          # one file ahead: the workers never wait for the writing
+    try:
+        with Workers(model, jobs) as workers:
+            for src, dst in pairs:
+                pending.append(_compress_start(model, digest, Path(src), Path(dst), chunk_seconds, group_chunks,
+                                               workers, bar, jobs, overwrite, flac, say))
+                while len(pending) > 1:          # one file ahead: the workers never wait for the writing
+                    reports.append(pending.pop(0)())
+            while pending:
                 reports.append(pending.pop(0)())
-        while pending:
-            reports.append(pending.pop(0)())
-    bar.close()
+    finally:
+        bar.close()
     return reports
 
 
@@ -902,7 +925,8 @@ def decompress(checkpoint_path, in_path, out_path, progress: bool = True, say=pr
         raise CodecError(f"{in_path}: {exc}: the file is damaged (it names this machine's torch, CPU capability "
                          f"and device, so the model computes here what it computed for the encoder); "
                          f"nothing was written") from None
-    bar.close()
+    finally:
+        bar.close()
     say(f"{out_path}: {chunks.frames} frames, {C} ch, {cfg.sample_rate} Hz, 16-bit PCM")
     return out_path
 

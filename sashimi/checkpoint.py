@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sashimi.cli import UserError
+
 FORMAT = "sashimi-triton-checkpoint"
 FORMAT_VERSION = 2
 # Version 1 (2026-11) pickled numpy RNG state and had no content hash. It still loads safely
@@ -36,8 +38,9 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 
 
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used, with the reason in one line."""
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used, with the reason in one line (a user mistake: every
+    command reports it as one line and exit code 2, with no wrapper of its own)."""
 
 
 # ------------------------------------------------------------------------------ RNG states

@@ -166,12 +166,14 @@ def write_error(path, exc: OSError) -> UserError:
 
 
 @contextlib.contextmanager
-def atomic_output(path):
+def atomic_output(path, overwrite: bool = True):
     """Write `path` all or nothing: yields a temp path in the same folder; when the block ends
     without an exception the temp is fsynced and renamed over `path` (os.replace, atomic), so a
     reader never sees a half-written file. On any exception (Ctrl-C included) the temp is
     removed. A missing parent folder is created. Disk full, read-only, permission, a parent that
-    is a file, a target that is a folder: one-line UserErrors."""
+    is a file, a target that is a folder: one-line UserErrors.
+    overwrite=False: the last step is an exclusive link (never replaces a file that appeared
+    meanwhile, e.g. another run's): a UserError saying so if `path` exists by then."""
     if path is None or str(path) == "":
         raise UserError("an output path is empty")
     path = Path(path)
@@ -195,7 +197,13 @@ def atomic_output(path):
         try:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
+            if overwrite:
+                os.replace(tmp, path)
+            else:
+                _link_exclusive(tmp, path)
+        except FileExistsError:
+            raise UserError(f"{path} appeared while this ran (another writer?): not replaced; pass "
+                            f"--overwrite to replace it") from None
         except OSError as exc:
             raise write_error(path, exc) from None
         tmp = None
@@ -208,6 +216,21 @@ def atomic_output(path):
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+
+
+def _link_exclusive(tmp: str, path: Path) -> None:
+    """Move `tmp` to `path` unless `path` exists (FileExistsError): a hard link is atomic and
+    never replaces; where the file system has no hard links, an O_EXCL create claims the name
+    first (a rival's exclusive create then fails)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -126,7 +126,7 @@ def test_damage_and_mismatches_are_one_line(tmp_path, models, capsys):
         rc = decompress_main(["--checkpoint", str(models["stereo-mulaw8"]), str(tmp_path / "bad.sash"),
                               str(tmp_path / f"{what}.wav"), "--quiet"])
         err = _one_line(capsys, rc)
-        assert ("header" in err) if what == "header" else ("stream 1 of 1 is damaged" in err)
+        assert ("header" in err) if what == "header" else ("stream 1 of " in err and "is damaged" in err)
         assert not (tmp_path / f"{what}.wav").exists()
     # another model
     rc = decompress_main(["--checkpoint", str(models["mono-linear16"]), str(sash), str(tmp_path / "w.wav"), "--quiet"])

@@ -32,7 +32,7 @@ def coded(tmp_path_factory):
     sf.write(str(root / "in.wav"), (0.2 * rng.standard_normal((300, 1))).astype(np.float32), RATE,
              subtype="PCM_16")
     assert compress_main(["--checkpoint", str(ckpt), str(root / "in.wav"), str(root / "x.sash"),
-                          "--chunk-seconds", str(100 / RATE), "--quiet"]) == 0
+                          "--chunk-seconds", str(100 / RATE), "--jobs", "1", "--quiet"]) == 0
     return ckpt, root / "x.sash"
 
 
@@ -63,8 +63,10 @@ def _drop(name):
 
 CASES = {
     # name: (how to make the file from (header, payload), a phrase the message holds)
-    "frames 1e9 in one chunk": (_edit(frames=10**12, chunk_frames=10**12, chunk_tokens_crc32=[0]), "claims"),
-    "frames without its chunks": (_edit(frames=10**9), "chunks but its frames"),
+    "frames 1e12 in one chunk": (_edit(frames=10**12, chunk_frames=10**12, group_tokens_crc32=[0]), "claims"),
+    "frames 1e9 in its chunks": (_edit(frames=10**9), "claims"),
+    "frames without its chunks": (_edit(frames=1000), "CRCs but its frames"),
+    "group_chunks 65536": (_edit(group_chunks=65536), "'group_chunks' must be"),
     "frames as a float": (_edit(frames=300.0), "'frames' must be"),
     "frames negative": (_edit(frames=-5), "'frames' must be"),
     "frames a string": (_edit(frames="300"), "'frames' must be"),
@@ -79,12 +81,13 @@ CASES = {
     "streams not a list": (_edit(streams={"bytes": 4}), "'streams' must be"),
     "stream bytes negative": (_edit(streams=[{"bytes": -4, "crc32": 0}]), "'streams' must be"),
     "stream bytes beyond the file": (_edit(streams=[{"bytes": 4096, "crc32": 0}]), "file holds"),
-    "two streams for one group": (_edit(streams=[{"bytes": 0, "crc32": 0}] * 2), "streams for"),
-    "crc list of strings": (_edit(chunk_tokens_crc32=["a", "b", "c"]), "'chunk_tokens_crc32' must be"),
+    "two streams for one group": (lambda h, p: _forge({**h, "streams": h["streams"] + [{"bytes": 0, "crc32": 0}]}, p),
+                                  "streams for"),
+    "crc list of strings": (_edit(group_tokens_crc32=["a", "b", "c"]), "'group_tokens_crc32' must be"),
     "no frames": (_drop("frames"), "has no 'frames'"),
     "unknown field": (_edit(extra=1), "unknown header fields"),
     "format 1": (_edit(format_version=1), "format version 1"),
-    "format a string": (_edit(format_version="2"), "format version '2'"),
+    "format a string": (_edit(format_version="3"), "format version '3'"),
     "header a list": (lambda h, p: _forge(b"[1, 2]", p), "not a JSON object"),
     "header not JSON": (lambda h, p: _forge(b"{nope", p), "not valid JSON"),
     "header not UTF-8": (lambda h, p: _forge(b"\xff\xfe{}", p), "not valid JSON"),

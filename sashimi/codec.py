@@ -276,13 +276,13 @@ class Chunking:
                 + self.group_work(last, channels))
 
 
-def auto_chunking(frames: int, jobs: int) -> Chunking:
+def auto_chunking(frames: int, jobs: int, min_chunk: int = MIN_CHUNK_FRAMES) -> Chunking:
     """The chunking of a file when --chunk-seconds is not given: wide batches (the per-step
     cost is mostly paid once per batch, so a batch of ~TARGET_ROWS chunks codes several times
     more samples per second than one of 10) and at least `jobs` groups to run side by side.
-    Chunks are at least MIN_CHUNK_FRAMES long (each starts from silence: shorter ones cost the
-    model context)."""
-    chunk = max(MIN_CHUNK_FRAMES, -(-frames // (max(1, jobs) * TARGET_ROWS)))
+    Chunks are at least `min_chunk` frames long (each starts from silence: shorter ones cost the
+    model context, and an adaptive predictor its adaptation)."""
+    chunk = max(min_chunk, -(-frames // (max(1, jobs) * TARGET_ROWS)))
     chunk = min(chunk, frames)
     count = -(-frames // chunk)
     groups = max(-(-count // TARGET_ROWS), min(max(1, jobs), count))
@@ -290,11 +290,11 @@ def auto_chunking(frames: int, jobs: int) -> Chunking:
 
 
 def chunking_for(frames: int, sample_rate: int, chunk_seconds: float | None, jobs: int,
-                 group_chunks: int | None = None) -> Chunking:
+                 group_chunks: int | None = None, min_chunk: int = MIN_CHUNK_FRAMES) -> Chunking:
     """--chunk-seconds given: chunks of that length, groups of up to TARGET_ROWS (or
     `group_chunks`), at least `jobs` groups; else auto_chunking."""
     if chunk_seconds is None and group_chunks is None:
-        return auto_chunking(frames, jobs)
+        return auto_chunking(frames, jobs, min_chunk)
     chunk = max(1, min(frames, int(round((chunk_seconds or 1.0) * sample_rate))))
     count = -(-frames // chunk)
     if group_chunks is None:
@@ -763,6 +763,23 @@ def read_container(path: Path) -> tuple[dict, list[np.ndarray]]:
 
 # ----------------------------------------------------------------------------- the commands
 
+def cascade_only_bits(model, tokens: np.ndarray, chunks: Chunking) -> float:
+    """The bits of these tokens (frames, C) under the model's cascade predictor alone, chunk by
+    chunk as they are coded (`cascade.code_length_bits`): what the network adds to it is the
+    difference from the coded size."""
+    from sashimi.predictors.cascade import code_length_bits
+    layout = model.layout
+    levels = [layout.levels(j) for j in range(layout.step_tokens)]
+    pcm = layout.to_model(torch.from_numpy(tokens).long()).numpy() - np.array([lv // 2 for lv in levels])
+    full = chunks.frames // chunks.chunk_frames
+    bits = 0.0
+    if full:
+        bits += code_length_bits(pcm[:full * chunks.chunk_frames].reshape(full, chunks.chunk_frames, -1), levels)
+    if chunks.frames > full * chunks.chunk_frames:
+        bits += code_length_bits(pcm[None, full * chunks.chunk_frames:], levels)
+    return bits
+
+
 def flac_bytes(pcm: np.ndarray, sample_rate: int) -> tuple[int, str]:
     """FLAC's size for these samples and how it was made: the `flac` binary at -8 where it
     exists, else libsndfile's FLAC encoder (its default level, about flac -5)."""
@@ -828,7 +845,10 @@ def _compress_start(model, digest, in_path: Path, out_path: Path, chunk_seconds,
             f"({info['subtype']} in): decompress restores those samples exactly, not the original file")
     tokens = quantized(quantizer, audio)
     del audio
-    chunks = chunking_for(tokens.shape[0], cfg.sample_rate, chunk_seconds, jobs, group_chunks)
+    # an adaptive predictor restarts with every chunk: the cascade's own shortest (docs/predictors.md)
+    min_chunk = max(MIN_CHUNK_FRAMES, int(model.layout.predictor.min_chunk_seconds * cfg.sample_rate)
+                    if cfg.value_input else 0)
+    chunks = chunking_for(tokens.shape[0], cfg.sample_rate, chunk_seconds, jobs, group_chunks, min_chunk)
     if chunks.group_chunks > MAX_GROUP_CHUNKS:
         raise CodecError(f"groups of {chunks.group_chunks} chunks: at most {MAX_GROUP_CHUNKS} are coded as one batch")
     if hasattr(bar, "total"):
@@ -862,6 +882,9 @@ def _compress_start(model, digest, in_path: Path, out_path: Path, chunk_seconds,
                      + ", ".join(f"{v:.3f}" for v in report["nll_bits_per_sample_per_channel"]) + ")")
         else:   # the coder floors each stage's probability, so confident misses cost far less coded
             line += " (the model's own cost is not comparable here: its misses fall below the coder's floor)"
+        if flac and cfg.value_input and cfg.predictor == "cascade":
+            report["cascade_only_bits_per_sample"] = cascade_only_bits(model, tokens, chunks) / samples
+            line += f"; the cascade alone {report['cascade_only_bits_per_sample']:.3f}"
         if flac:
             pcm = restored_pcm16(quantizer, torch.from_numpy(tokens))
             fbytes, how = flac_bytes(pcm, cfg.sample_rate)

@@ -20,6 +20,7 @@ class Predictor:
     graph_safe = True     # runs inside a CUDA graph (torch ops on the model's device only)
     warmup_frames = 0     # frames a training crop runs through before its first target
     scales = False        # whether `run`'s log scale anchors the heads' scales too
+    min_chunk_seconds = 0.0   # the codec's shortest automatic chunk (each restarts the predictor)
 
     def __init__(self, layout):
         self.layout = layout

@@ -21,7 +21,6 @@ own float64 logits):
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import pickle
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from sashimi import checkpoint
+from sashimi import checkpoint, cli
 from sashimi.cli import UserError, command, refuse_existing
 from sashimi.model import ModelConfig, SaShiMi
 
@@ -313,8 +312,7 @@ def convert(public_path, *, dt_transform: str, bits: int | None = None, quantiza
 # ---------------------------------------------------------------------------------- the CLI
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m sashimi.convert", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.parser("sashimi.convert", __doc__)
     p.add_argument("--from", dest="source", choices=("s4",), required=True,
                    help="the implementation the checkpoint comes from (state-spaces/s4)")
     p.add_argument("public", help="the public checkpoint (.pt state_dict, or a dict holding one)")

@@ -28,7 +28,7 @@ from torch import nn
 
 from kernels.profiling import nvtx_range
 from kernels.reference import check_tokens
-from sashimi import checkpoint
+from sashimi import checkpoint, cli
 from sashimi.cli import (UserError, atomic_output, check_at_most, check_fits, check_out_dir, command, cores,
                          resolve_device, write_error)
 from sashimi.checkpoint import CheckpointError
@@ -81,7 +81,7 @@ TRAIN_FLAGS = ("data", "steps", "batch_size", "lr", "precision", "seed", "num_wo
 
 def parse_args(argv=None) -> argparse.Namespace:
     # flag defaults are None ("not given", see check_resume_flags); help texts state the real ones
-    p = argparse.ArgumentParser(prog="python -m sashimi.train", description=__doc__.split("\n\n")[0])
+    p = cli.parser("sashimi.train", __doc__)
     # None defaults: "not given", so --resume can tell a flag that contradicts the checkpoint
     p.add_argument("--stereo", action="store_true", default=None, help="two channels (laid out as --stereo-layout says)")
     p.add_argument("--stereo-layout", choices=tuple(LAYOUTS), default=None,
@@ -90,7 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "M = floor((L+R)/2), S = L-R (16-bit linear, DML head) (docs/layouts.md)")
     p.add_argument("--data", help="folder of WAV/FLAC/OGG files (searched recursively); default: built-in synthetic stereo music")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="model size (default: tiny)")
-    p.add_argument("--ssm", choices=("dplr", "diag"), default=None, help="S4 (DPLR, default) or S4D (diagonal)")
+    p.add_argument("--ssm", choices=("dplr", "diag"), default=None,
+                   help="S4 (dplr) or S4D (diag); default: the preset's (" + ", ".join(
+                       f"{name}: {PRESETS[name].get('ssm', ModelConfig.ssm)}" for name in sorted(PRESETS)) + ")")
     p.add_argument("--bits", type=int, choices=(8, 16), default=None, help="quantisation bits (default 8)")
     p.add_argument("--quantization", choices=("mu-law", "linear"), default=None, help="default mu-law")
     p.add_argument("--head", choices=("categorical", "dml"), default=None, help="default categorical")
@@ -103,8 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=None, help="frames per training example (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=None, help="examples per step per process (default 8)")
     p.add_argument("--steps", type=int, default=None, help="total optimiser steps (default 2000)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (S4's A, B, P, dt use 1e-3)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default=None, help="bf16: autocast for dense layers, SSM in fp32")
+    p.add_argument("--lr", type=float, default=None, help=f"learning rate (default {TrainConfig.lr:g}; S4's A, B, P, dt use 1e-3)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=None, help="fp32 (default) or bf16: autocast for dense layers, SSM in fp32")
     p.add_argument("--out", default="runs/sashimi", help="run folder: checkpoint, CSV log, samples (default runs/sashimi)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")

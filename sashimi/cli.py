@@ -49,20 +49,21 @@ def one_line(text) -> str:
     return " ".join(str(text).split()) or type(text).__name__
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"warning: {one_line(message)}", file=sys.stderr if file is None else file, flush=True)
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {one_line(message)}\n"
 
 
 @contextlib.contextmanager
 def one_line_warnings():
     """Python warnings as one line of ours, `warning: ...`: no file path, no echoed source line
-    (a data-loader worker forked meanwhile inherits it)."""
-    previous = warnings.showwarning
-    warnings.showwarning = _show_warning
+    (a data-loader worker forked meanwhile inherits it). Only the format changes, so filters
+    and recording (warnings.catch_warnings, pytest) work as before."""
+    previous = warnings.formatwarning
+    warnings.formatwarning = _format_warning
     try:
         yield
     finally:
-        warnings.showwarning = previous
+        warnings.formatwarning = previous
 
 
 # ------------------------------------------------------------------------- the argument parser

@@ -27,6 +27,7 @@ import functools
 import math
 import numbers
 import os
+import signal
 import struct
 import threading
 import time
@@ -822,8 +823,34 @@ def train_batches(dataset, *, batch_size: int, start_step: int = 0, rank: int = 
         pin_memory=bool(pin_memory and torch.cuda.is_available()),
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
+        worker_init_fn=_worker_ignores_stop_signals if num_workers > 0 else None,
     )
-    return iter(loader)
+    if num_workers == 0 or threading.current_thread() is not threading.main_thread():
+        return iter(loader)
+    # The workers are started with the stop signals blocked (a signal in between would find
+    # them with the default action, death) and ignore them from their first instruction on.
+    # torch's SIGCHLD handler, which raises a worker's death as an exception wherever the main
+    # process happens to be (inside a checkpoint write, say), is put back to what it was: a
+    # dead worker is then reported by the iterator's own liveness check, from next().
+    chld = signal.getsignal(signal.SIGCHLD)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        batches = iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL if chld is None else chld)
+    return batches
+
+
+# A job's preemption (SLURM, `timeout`, a closed terminal) signals every process of its group:
+# data-loader workers ignore these, and the main process, which owns shutdown, stops them.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _worker_ignores_stop_signals(worker_id: int) -> None:
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def valid_batches(dataset, *, batch_size: int) -> list[torch.Tensor]:

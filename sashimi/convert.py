@@ -56,14 +56,14 @@ def read_public(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "GLOBAL" in str(exc):
+        if any(word in str(exc) for word in ("GLOBAL", "allowlisted", "add_safe_globals")):
             raise ConvertError(
                 f"refusing to load {path}: it holds Python objects besides tensors (a Lightning checkpoint's "
                 f"hyper-parameters, say), which could run code. In an environment you trust, load it there "
                 f"and save just its weights: torch.save(ckpt['state_dict'], 'weights.pt')") from None
         raise ConvertError(f"cannot read {path}: damaged or not a torch file") from None
     except Exception as exc:
-        raise ConvertError(f"cannot read {path}: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}") from None
+        raise ConvertError(f"cannot read {path}: {type(exc).__name__}: {checkpoint.torch_reason(exc)}") from None
     try:
         check_structure(obj, path.stat().st_size, path)
     except CheckpointError as exc:

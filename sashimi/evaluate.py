@@ -108,12 +108,12 @@ def folder_excerpts(root: str, cfg: ModelConfig, seconds: float | None, offset: 
                     excerpts.append(Excerpt(name if per_file == 1 else f"{name}@{s / sr:.2f}s", audio))
         except DataError as exc:
             skipped.append(f"{name} ({' '.join(str(exc).split())})")
-    if skipped:
-        print(f"warning: skipped {len(skipped)} of {len(files)} files: " + "; ".join(skipped[:10])
-              + (" ..." if len(skipped) > 10 else ""), file=sys.stderr)
-    if not excerpts:
+    listed = "; ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else "")
+    if not excerpts:   # one line: the error says why each file was skipped
         raise UserError(f"--data: no usable audio under {root} (every file was unreadable or shorter "
-                        f"than {min_frames} frames at {sr} Hz)")
+                        f"than {min_frames} frames at {sr} Hz): {listed}")
+    if skipped:
+        print(f"warning: skipped {len(skipped)} of {len(files)} files: {listed}", file=sys.stderr)
     return excerpts
 
 

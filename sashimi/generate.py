@@ -401,14 +401,8 @@ def run(args) -> int:
         model = load_model(args.checkpoint, device)
     except CheckpointError as exc:
         raise UserError(str(exc)) from None
-    check_out_dir(out)
     cfg = model.cfg
-    frames = int(round(args.seconds * cfg.sample_rate))
-    if frames < 1:
-        raise UserError(f"--seconds {args.seconds} is less than one sample at {cfg.sample_rate} Hz")
-    check_batch_fits(model, args.batch, frames, device)
-    quantizer = cfg.quantizer
-    prompt = None
+    prompt = None   # read before --out is created: a refused prompt leaves nothing
     if args.prompt:
         from sashimi.data import DataError, read_audio
         try:
@@ -419,6 +413,12 @@ def run(args) -> int:
             raise UserError(f"the prompt {args.prompt} holds no audio")
         if not torch.isfinite(prompt).all():
             raise UserError(f"the prompt {args.prompt} holds NaN or infinite samples")
+    frames = int(round(args.seconds * cfg.sample_rate))
+    if frames < 1:
+        raise UserError(f"--seconds {args.seconds} is less than one sample at {cfg.sample_rate} Hz")
+    check_batch_fits(model, args.batch, frames, device)
+    check_out_dir(out)
+    quantizer = cfg.quantizer
     try:
         audio, loglik = generate_audio(model, frames, args.batch, quantizer, args.temperature, args.top_p,
                                        prompt, args.seed, cuda_graphs=False if args.no_cuda_graphs else None)

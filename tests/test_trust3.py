@@ -147,8 +147,9 @@ class _Dying(torch.utils.data.Dataset):
 def test_workers_that_keep_dying_stop_the_run_and_keep_the_last_step(tmp_path, monkeypatch, capsys):
     from sashimi import train
     from sashimi.train import Batches, LoaderFailed
+    monkeypatch.setattr(Batches, "MAX_RESTARTS", 1)   # each death takes the loader's 5 s liveness check
     batches = Batches(lambda start: train_batches(_Dying(), batch_size=1, start_step=start, num_workers=1), 0)
-    with pytest.raises(LoaderFailed, match="failed 4 times"):
+    with pytest.raises(LoaderFailed, match="failed 2 times"):
         batches.next(0)
     # in the loop: the last completed step is saved, one error line, exit 1
     real_next = Batches.next
@@ -245,13 +246,13 @@ RATES = [1, 4, 100, 8000]
 
 @pytest.fixture(scope="module")
 def rate_files(tmp_path_factory) -> dict[int, Path]:
-    """A 60-frame WAV at each rate (a few hundred bytes), and 1 s at 8 kHz (long enough to train)."""
+    """A 60-frame WAV at each rate (a few hundred bytes), and 0.2 s at 8 kHz (long enough to train)."""
     root = tmp_path_factory.mktemp("rates")
     files = {}
     for rate in RATES:
         folder = root / f"{rate}hz"
         folder.mkdir()
-        frames = rate if rate >= MIN_FILE_RATE else 60
+        frames = rate // 5 if rate >= MIN_FILE_RATE else 60
         x = 0.3 * np.sin(np.arange(frames) / 3.0).astype(np.float32)
         sf.write(folder / f"a{rate}.wav", np.stack([x, x], 1), rate, subtype="PCM_16")
         files[rate] = folder / f"a{rate}.wav"
@@ -268,7 +269,7 @@ def test_file_rates_under_a_memory_cap(tmp_path, run_dir, rate_files, rate):
              ("sashimi.evaluate", ["--checkpoint", str(run_dir / "checkpoint.pt"), "--data", str(f), "--device",
                                    "cpu", "--out", str(tmp_path / "e"), "--quiet"]),
              ("sashimi.generate", ["--checkpoint", str(run_dir / "checkpoint.pt"), "--prompt", str(f),
-                                   "--seconds", "1.5", "--device", "cpu", "--out", str(tmp_path / "g")])]
+                                   "--seconds", "0.25", "--device", "cpu", "--out", str(tmp_path / "g")])]
     for (module, argv), (rc, err) in zip(calls, capped_many(calls)):
         if rate < MIN_FILE_RATE:
             errors = [line for line in err.splitlines() if line.startswith("error:")]
@@ -396,12 +397,14 @@ def test_a_typod_flag_is_one_line_naming_python_m(tmp_path, command):
     one_line(r, f"unknown flag {typo} (did you mean {meant}?)", prefix=f"python -m sashimi.{command}: error: ")
 
 
-@pytest.mark.parametrize("command", COMMANDS, ids=[f"help-{c}-defaults-once" for c in COMMANDS])
-def test_help_shows_each_default_once(command):
+@pytest.mark.parametrize("command", COMMANDS, ids=[f"help-{c}-each-default-once" for c in COMMANDS])
+def test_help_states_each_default_at_most_once(capsys, command):
     from importlib import import_module
-    module = import_module(f"sashimi.{command}")
     with pytest.raises(SystemExit):
-        module.parse_args(["--help"])
+        import_module(f"sashimi.{command}").parse_args(["--help"])
+    entries = re.split(r"\n  (?=-)", capsys.readouterr().out)
+    for entry in entries[1:]:
+        assert len(re.findall(r"default", entry, re.I)) <= 1, (command, entry)
 
 
 def test_help_texts_say_the_true_defaults(capsys):
@@ -414,17 +417,6 @@ def test_help_texts_say_the_true_defaults(capsys):
     assert "(default: 1.0)" in texts["sashimi.generate"].split("--temperature")[2][:200]
     assert "tiny: diag" in texts["sashimi.train"].split("--ssm")[2][:200]
     assert "a 8-bit" not in " ".join(texts.values())
-
-
-def test_each_flag_states_its_default_at_most_once(capsys):
-    from importlib import import_module
-    for command in COMMANDS:
-        with pytest.raises(SystemExit):
-            import_module(f"sashimi.{command}").parse_args(["--help"])
-        text = capsys.readouterr().out
-        entries = re.split(r"\n  (?=-)", text)
-        for entry in entries:
-            assert len(re.findall(r"default", entry, re.I)) <= 1, (command, entry)
 
 
 def test_warnings_are_one_line_of_ours(tmp_path):
@@ -454,8 +446,10 @@ def test_a_refused_run_leaves_the_output_folder_as_it_was(tmp_path, out):
     (tmp_path / "notes.txt").write_text("not audio")
     before = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
     out = out.format(tmp=tmp_path)
-    for argv in (["--data", tmp_path / "notes.txt"], ["--seq-len", "65"], ["--sample-seconds", "1e9", "--sample-every", "1"]):
-        r = main_of("train", *argv, *FAST, "--num-workers", "0", "--out", out)
+    # refused by the data, by a flag that depends on the config, by the memory check
+    for argv in (["--data", tmp_path / "notes.txt"], ["--val-data", tmp_path / "empty"],
+                 ["--batch-size", "100000000"]):
+        r = main_of("train", *FAST, *argv, "--num-workers", "0", "--out", out)
         assert r.returncode == 2, r.stderr[-3000:]
         assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == before, (argv, r.stderr)
 
@@ -482,4 +476,4 @@ def test_a_refused_checkpoint_never_repeats_torchs_unsafe_advice(tmp_path, case)
     assert "weights_only" not in message and "trust" not in message.lower() and "\n" not in message, message
     r = main_of("convert", "--from", "s4", path, tmp_path / "x.pt", "--dt-transform", "exp")
     one_line(r, "")
-    assert "weights_only" not in r.stderr and "trust" not in r.stderr.lower(), r.stderr
+    assert "weights_only" not in r.stderr and "trust the source" not in r.stderr, r.stderr

@@ -106,12 +106,28 @@ def test_preempting_the_whole_process_group_keeps_the_last_completed_step(tmp_pa
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, stderr[-3000:]
     assert "Traceback" not in stderr and "killed by signal" not in stderr, stderr[-3000:]
+    assert "restarting the data loader" not in stderr, stderr[-3000:]       # no worker died of it
     on_disk = checkpoint.load(out / "checkpoint.pt")["step"]
     assert on_disk == expected and printed_step(stdout) == on_disk, (stdout, stderr[-2000:])
 
 
 def _synthetic_crops() -> AudioCrops:
     return AudioCrops(None, sample_rate=16000, channels=2, crop_frames=64, quantizer=Quantizer())
+
+
+STOPS = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
+
+
+@pytest.mark.parametrize("sig", STOPS, ids=[f"worker-ignores-{s.name}" for s in STOPS])
+def test_a_data_loader_worker_ignores_the_stop_signals(sig):
+    it = train_batches(_synthetic_crops(), batch_size=2, num_workers=1)
+    next(it)
+    worker = it._workers[0]
+    os.kill(worker.pid, sig)
+    time.sleep(0.5)
+    assert worker.is_alive()
+    next(it)                           # and it still serves batches
+    it._shutdown_workers()
 
 
 def test_a_killed_worker_restarts_the_loader_at_the_same_step():

@@ -105,8 +105,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=None, help="frames per training example (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=None, help="examples per step per process (default 8)")
     p.add_argument("--steps", type=int, default=None, help="total optimiser steps (default 2000)")
-    p.add_argument("--lr", type=float, default=None, help=f"learning rate (default {TrainConfig.lr:g}; S4's A, B, P, dt use 1e-3)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default=None, help="fp32 (default) or bf16: autocast for dense layers, SSM in fp32")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"learning rate (default {TrainConfig.lr:g}; S4's A, B, P, dt use 1e-3)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                   help="fp32 (default) or bf16: autocast for dense layers, SSM in fp32")
     p.add_argument("--out", default="runs/sashimi", help="run folder: checkpoint, CSV log, samples (default runs/sashimi)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
@@ -274,20 +276,21 @@ def resume_plan(args, saved: dict, path) -> tuple[ModelConfig, TrainConfig, int,
     return model_cfg, new, step, changes
 
 
-# The ranges of the TrainConfig fields a checkpoint stores (the flags are checked by
-# check_args): a resumed schedule or optimiser never starts from a value no flag could set.
-TRAIN_RANGES = {
-    "steps": (1, None), "batch_size": (1, None), "lr": (0, None), "weight_decay": (0, None),
-    "warmup_steps": (0, None), "grad_clip": (0, None), "seed": (0, 2 ** 32 - 1), "num_workers": (0, 64),
-    "val_every": (1, None), "checkpoint_every": (1, None), "log_every": (1, None), "sample_every": (0, None),
-    "sample_seconds": (0, None), "val_crops": (1, 100_000),
-}
 STRICTLY_POSITIVE = ("lr", "sample_seconds")
 
 
 def train_config_problem(cfg: TrainConfig) -> str | None:
-    """What makes a stored TrainConfig unusable (a value out of its range), or None."""
-    for name, (least, most) in TRAIN_RANGES.items():
+    """What makes a stored TrainConfig unusable (a value out of the range its flag allows, see
+    check_args), or None: a resumed schedule or optimiser never starts from a value no flag
+    could set."""
+    ranges = {
+        "steps": (1, None), "batch_size": (1, None), "lr": (0, None), "weight_decay": (0, None),
+        "warmup_steps": (0, None), "grad_clip": (0, None), "seed": (0, cli.SEED_MAX),
+        "num_workers": (0, MAX_NUM_WORKERS), "val_every": (1, None), "checkpoint_every": (1, None),
+        "log_every": (1, None), "sample_every": (0, None), "sample_seconds": (0, None),
+        "val_crops": (1, MAX_VAL_CROPS),
+    }
+    for name, (least, most) in ranges.items():
         value = getattr(cfg, name)
         if name in STRICTLY_POSITIVE and not value > least:
             return f"{name}={value!r} must be > {least}"
@@ -1087,7 +1090,7 @@ class Batches:
             try:
                 return next(self.it)
             except RuntimeError as exc:
-                if "DataLoader worker" not in str(exc):
+                if "DataLoader worker (pid" not in str(exc):   # a worker that died, not its error
                     raise
                 self.it = None   # its remaining workers are shut down as it goes
                 why = str(exc).strip().splitlines()[0]

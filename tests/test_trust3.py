@@ -432,7 +432,6 @@ def test_help_texts_say_the_true_defaults(capsys):
         texts[module.__name__] = " ".join(capsys.readouterr().out.split())
     assert "(default: 1.0)" in texts["sashimi.generate"].split("--temperature")[2][:200]
     assert "tiny: diag" in texts["sashimi.train"].split("--ssm")[2][:200]
-    assert "a 8-bit" not in " ".join(texts.values())
 
 
 def test_warnings_are_one_line_of_ours(tmp_path):
@@ -466,7 +465,7 @@ def test_a_refused_run_leaves_the_output_folder_as_it_was(tmp_path, out):
     for argv in (["--data", tmp_path / "notes.txt"], ["--val-data", tmp_path / "empty"],
                  ["--batch-size", "100000000"]):
         r = main_of("train", *FAST, *argv, "--num-workers", "0", "--out", out)
-        assert r.returncode == 2, r.stderr[-3000:]
+        one_line(r, "")                 # a text file as --data: one line, no Python warning before it
         assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == before, (argv, r.stderr)
 
 

@@ -22,6 +22,7 @@ import io
 import os
 import pickle
 import random
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -180,6 +181,23 @@ def _numpy_safe_globals() -> list:
     return names
 
 
+# torch's advice on a refused file is to reload it with weights_only=False, which would run a
+# hostile file's code: its lines never reach a message of ours
+_TORCH_ADVICE = re.compile(r"weights_only|trust|can still be loaded|arbitrary code|safe_globals|\(\d\)", re.I)
+
+
+def torch_reason(exc: BaseException) -> str:
+    """The reason in torch.load's error, in one line, without its advice: the unpickler's own
+    line ("WeightsUnpickler error: ..."), else the first line that is not advice."""
+    lines = [" ".join(line.split()) for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "WeightsUnpickler error:" in line:
+            line = line.split("WeightsUnpickler error:", 1)[1].strip()
+            if line and not _TORCH_ADVICE.search(line):
+                return line
+    return next((line for line in lines if not _TORCH_ADVICE.search(line)), type(exc).__name__)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -264,19 +282,17 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        text = str(exc)
-        # torch names the refused class ("Unsupported global: GLOBAL os.system ..."); anything
-        # else (an unknown opcode, a truncated stream) is damage
-        global_name = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), None)
-        if global_name is not None:
+        # torch names a refused object ("Unsupported global: GLOBAL os.system ...", "Can only
+        # build Tensor ... or types allowlisted ..."); anything else (an unknown opcode, a
+        # truncated stream) is damage
+        if any(word in str(exc) for word in ("GLOBAL", "allowlisted", "add_safe_globals")):
             raise CheckpointError(f"refusing to load {path}: it holds Python objects other than tensors "
                                   f"and plain data, which could run code when loaded (not loaded)") from None
-        detail = next((line.strip() for line in text.splitlines() if "Unsupported" in line),
-                      _first_line(exc))
-        raise CheckpointError(f"cannot read checkpoint {path}: damaged or not a checkpoint ({detail})") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: damaged or not a checkpoint "
+                              f"({torch_reason(exc)})") from None
     except Exception as exc:  # truncated, not a torch file, zip damage...
         raise CheckpointError(f"cannot read checkpoint {path}: damaged or not a checkpoint "
-                              f"({type(exc).__name__}: {_first_line(exc)})") from None
+                              f"({type(exc).__name__}: {torch_reason(exc)})") from None
     check_structure(payload, size, path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a sashimi-triton checkpoint")

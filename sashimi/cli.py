@@ -1,7 +1,9 @@
 """What the command lines share: user mistakes are one line on stderr and exit code 2."""
 from __future__ import annotations
 
+import argparse
 import contextlib
+import difflib
 import errno
 import functools
 import math
@@ -9,6 +11,7 @@ import os
 import stat
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -31,13 +34,104 @@ def refuse_existing(path: Path, overwrite: bool) -> None:
 
 
 def run_cli(parse_args: Callable, run: Callable, argv=None) -> int:
-    args = parse_args(argv)
+    with one_line_warnings():
+        args = parse_args(argv)
+        try:
+            check_common_flags(args)
+            return run(args)
+        except UserError as exc:
+            print(f"error: {one_line(exc)}", file=sys.stderr)
+            return 2
+
+
+def one_line(text) -> str:
+    """`text` (an exception's message, say) on one line."""
+    return " ".join(str(text).split()) or type(text).__name__
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {one_line(message)}\n"
+
+
+@contextlib.contextmanager
+def one_line_warnings():
+    """Python warnings as one line of ours, `warning: ...`: no file path, no echoed source line
+    (a data-loader worker forked meanwhile inherits it). Only the format changes, so filters
+    and recording (warnings.catch_warnings, pytest) work as before."""
+    previous = warnings.formatwarning
+    warnings.formatwarning = _format_warning
     try:
-        check_common_flags(args)
-        return run(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        yield
+    finally:
+        warnings.formatwarning = previous
+
+
+# ------------------------------------------------------------------------- the argument parser
+
+def program_name(module: str, argv=None) -> str:
+    """The program as the user invoked it: the console script's name (`sashimi-train`), or
+    `python -m sashimi.train` (also when called from Python with an explicit argv)."""
+    invoked = os.path.basename(sys.argv[0]) if argv is None and sys.argv and sys.argv[0] else ""
+    if not invoked or invoked.endswith(".py") or invoked in ("-c", "-m"):
+        return f"python -m {module}"
+    return invoked
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Each true default once: "(default: X)" is added to a flag's help only where the help does
+    not state its default already and the default is a value (not None, "not given")."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default is None or action.default is False or action.default is argparse.SUPPRESS
+                or "default" in text.lower() or action.option_strings == []
+                or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with every mistake one line naming the program as invoked, and an unknown flag
+    answered with the closest declared one ("did you mean --stereo?")."""
+
+    def __init__(self, module: str, description: str | None = None, **kwargs):
+        super().__init__(prog=f"python -m {module}", description=description,
+                         formatter_class=HelpFormatter, **kwargs)
+        self.module = module
+
+    def parse_args(self, args=None, namespace=None):
+        self.prog = program_name(self.module, args)
+        words = list(sys.argv[1:] if args is None else args)
+        declared = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+        # an unknown flag first: it explains a "required" or "expected one argument" error after it
+        words = words[:words.index("--")] if "--" in words else words
+        unknown = [w for w in words if w.startswith("--") and not any(
+            d.startswith(w.split("=", 1)[0]) for d in declared)]
+        if unknown:
+            self.error(self._unknown(unknown))
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error(self._unknown(extras))
+        return parsed
+
+    def _unknown(self, extras: list[str]) -> str:
+        flag = next((e for e in extras if e.startswith("-")), None)
+        if flag is None:
+            return f"unexpected argument {extras[0]!r}"
+        name = flag.split("=", 1)[0]
+        declared = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+        close = difflib.get_close_matches(name, declared, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else f" (see {self.prog} --help)"
+        return f"unknown flag {name}{hint}"
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
+
+
+def parser(module: str, doc: str | None) -> Parser:
+    """The argument parser of a command (`module`, e.g. "sashimi.train"): its description is the
+    first paragraph of the module's docstring."""
+    return Parser(module, (doc or "").split("\n\n")[0] or None)
 
 
 SEED_MAX = 2 ** 32 - 1   # numpy's and every data generator's seed range

@@ -2,20 +2,19 @@
 (see sashimi.codec). IN may be a folder: every WAV/FLAC/OGG in it is coded into OUT (a folder)."""
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
 import sys
 from pathlib import Path
 
+from sashimi import cli
 from sashimi.cli import UserError, command, refuse_existing
 from sashimi.codec import atomic_write, compress_files, writable_path
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m sashimi.compress", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.parser("sashimi.compress", __doc__)
     p.add_argument("--checkpoint", required=True, help="the model (a checkpoint of sashimi.train)")
     p.add_argument("input", help="an audio file at the model's rate and channel count, or a folder of them")
     p.add_argument("output", help="the .sash file (a folder when the input is one)")

@@ -21,7 +21,6 @@ own float64 logits):
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import pickle
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from sashimi import checkpoint
+from sashimi import checkpoint, cli
 from sashimi.cli import UserError, command, refuse_existing
 from sashimi.model import ModelConfig, SaShiMi
 
@@ -57,14 +56,14 @@ def read_public(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "GLOBAL" in str(exc):
+        if any(word in str(exc) for word in ("GLOBAL", "allowlisted", "add_safe_globals")):
             raise ConvertError(
                 f"refusing to load {path}: it holds Python objects besides tensors (a Lightning checkpoint's "
                 f"hyper-parameters, say), which could run code. In an environment you trust, load it there "
                 f"and save just its weights: torch.save(ckpt['state_dict'], 'weights.pt')") from None
         raise ConvertError(f"cannot read {path}: damaged or not a torch file") from None
     except Exception as exc:
-        raise ConvertError(f"cannot read {path}: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}") from None
+        raise ConvertError(f"cannot read {path}: {type(exc).__name__}: {checkpoint.torch_reason(exc)}") from None
     try:
         check_structure(obj, path.stat().st_size, path)
     except CheckpointError as exc:
@@ -76,6 +75,7 @@ def read_public(path: Path) -> dict[str, torch.Tensor]:
             break
     if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
         raise ConvertError(f"{path} is not a state_dict (a dict of tensors)")
+    check_public_values(obj, path)
     anchor = [k for k in obj if k.endswith("d_layers.0.linear.weight")]
     if len(anchor) != 1:
         raise ConvertError(f"{path}: no public SaShiMi backbone in it (no '...d_layers.0.linear.weight' key)")
@@ -92,6 +92,38 @@ def read_public(path: Path) -> dict[str, torch.Tensor]:
         raise ConvertError(f"{path}: keys this converter does not know (another variant of the model?): {unknown[:6]}")
     out.update(ends)
     return out
+
+
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_L_KERNEL = 2 ** 24          # ModelConfig's longest seq_len: no tier is longer
+MAX_A_REAL = 80.0               # exp(A_real) must stay finite in float32 (exp(88.7) overflows)
+
+
+def check_public_values(sd: dict, path) -> None:
+    """What every tensor of a public state_dict must be before any is used (one line each):
+    string keys; floating-point, finite weights (l_kernel: one whole number in [0, 2^24]);
+    A_real whose exp(A_real) (A = -exp(A_real) + ...) stays finite."""
+    odd = [k for k in sd if not isinstance(k, str)]
+    if odd:
+        raise ConvertError(f"{path}: state_dict keys must be strings, found {type(odd[0]).__name__} key {odd[0]!r}")
+    for key, t in sd.items():
+        if key.endswith("kernel.l_kernel"):
+            if t.numel() != 1 or t.is_complex() or t.dtype == torch.bool:
+                raise ConvertError(f"{path}: {key} must be one whole number, got {t.dtype} of shape {tuple(t.shape)}")
+            value = float(t.reshape(-1)[0])
+            if not (math.isfinite(value) and value == int(value) and 0 <= value <= MAX_L_KERNEL):
+                raise ConvertError(f"{path}: {key} is {value:g}; a tier's length is a whole number in "
+                                   f"[0, {MAX_L_KERNEL:,}]")
+            continue
+        if t.dtype not in WEIGHT_DTYPES:
+            raise ConvertError(f"{path}: {key} is {t.dtype}; weights are floating-point "
+                               f"(float16, bfloat16, float32 or float64)")
+        if not torch.isfinite(t).all():
+            raise ConvertError(f"{path}: {key} holds NaN or infinite values: the model it came from diverged "
+                               f"or the file is damaged")
+        if key.endswith("kernel.A_real") and t.numel() and float(t.max()) > MAX_A_REAL:
+            raise ConvertError(f"{path}: {key} holds {float(t.max()):g}: exp(A_real) overflows (A_real must be "
+                               f"<= {MAX_A_REAL:g})")
 
 
 def _find_ends(rest: dict, outer: str | None, d_model: int, path) -> dict:
@@ -170,9 +202,12 @@ def infer_config(sd: dict, *, bits: int | None, quantization: str, sample_rate: 
     if seq_len <= 0:
         raise ConvertError("the top tier's l_kernel is 0 (C never set up for a length): pass a model that ran "
                            "a forward pass, or one saved after training")
-    return ModelConfig(d_model=d_model, n_layers=n_s4, pool=tuple(pool), expand=expand, ff=ff, d_state=d_state,
-                       ssm="dplr", bits=bits, quantization=quantization, channels=1, sample_rate=sample_rate,
-                       seq_len=seq_len, head="categorical", tie_weights=False)
+    try:
+        return ModelConfig(d_model=d_model, n_layers=n_s4, pool=tuple(pool), expand=expand, ff=ff, d_state=d_state,
+                           ssm="dplr", bits=bits, quantization=quantization, channels=1, sample_rate=sample_rate,
+                           seq_len=seq_len, head="categorical", tie_weights=False)
+    except ValueError as exc:
+        raise ConvertError(f"the model its shapes describe is not one this package builds: {exc}") from None
 
 
 def _dt(inv_dt: torch.Tensor, transform: str) -> torch.Tensor:
@@ -300,21 +335,47 @@ def convert(public_path, *, dt_transform: str, bits: int | None = None, quantiza
             sample_rate: int = 16000) -> tuple[ModelConfig, dict]:
     """(config, state_dict) of this package's model equal to the public checkpoint's."""
     sd = read_public(Path(public_path))
-    cfg = infer_config(sd, bits=bits, quantization=quantization, sample_rate=sample_rate)
-    # widen the dt clamp to the dt the checkpoint actually holds under the chosen transform
-    dts = torch.cat([_dt(v, dt_transform) for k, v in sd.items() if k.endswith("kernel.inv_dt")])
-    if not torch.isfinite(dts).all() or (dts <= 0).any():
-        raise ConvertError("the checkpoint's dt values are not finite and positive")
-    cfg = dataclasses.replace(cfg, dt_min=min(cfg.dt_min, float(dts.min()) * (1 - 1e-6)),
-                              dt_max=max(cfg.dt_max, float(dts.max()) * (1 + 1e-6)))
-    return cfg, map_state_dict(sd, cfg, dt_transform)
+    try:
+        cfg = infer_config(sd, bits=bits, quantization=quantization, sample_rate=sample_rate)
+        # widen the dt clamp to the dt the checkpoint actually holds under the chosen transform
+        dts = torch.cat([_dt(v, dt_transform) for k, v in sd.items() if k.endswith("kernel.inv_dt")])
+        if not torch.isfinite(dts).all() or (dts <= 0).any():
+            raise ConvertError("the checkpoint's dt values are not finite and positive")
+        try:
+            cfg = dataclasses.replace(cfg, dt_min=min(cfg.dt_min, float(dts.min()) * (1 - 1e-6)),
+                                      dt_max=max(cfg.dt_max, float(dts.max()) * (1 + 1e-6)))
+        except ValueError as exc:
+            raise ConvertError(f"the checkpoint's dt values are out of range: {exc}") from None
+        return cfg, map_state_dict(sd, cfg, dt_transform)
+    except (RuntimeError, ValueError, IndexError, KeyError, TypeError, StopIteration, ZeroDivisionError) as exc:
+        # shapes that fit no public SaShiMi (the checks above name the common cases)
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise ConvertError(f"{public_path}: its tensors do not fit a public SaShiMi: {text[:300]}") from None
+
+
+def check_first_steps(cfg: ModelConfig, state: dict, steps: int | None = None) -> None:
+    """The converted model's first steps through the recurrence generation runs on (from
+    silence): their logits must be finite, or nothing is written. As many steps as make every
+    tier tick twice."""
+    model = SaShiMi(dataclasses.replace(cfg, kernel_backend="reference"))
+    model.load_state_dict(state)
+    model.eval()
+    steps = steps or 2 * math.prod(cfg.pool) + 1
+    silence = cfg.quantizer.encode(torch.zeros(1, 1)).reshape(1)
+    with torch.no_grad():
+        model.setup_step()
+        st = model.default_state(1)
+        for t in range(steps):
+            logits = model.step(silence, st, t)
+            if not torch.isfinite(logits).all():
+                raise ConvertError(f"the converted model computes non-finite logits at step {t + 1} of its first "
+                                   f"{steps} (weights that overflow); nothing written")
 
 
 # ---------------------------------------------------------------------------------- the CLI
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m sashimi.convert", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.parser("sashimi.convert", __doc__)
     p.add_argument("--from", dest="source", choices=("s4",), required=True,
                    help="the implementation the checkpoint comes from (state-spaces/s4)")
     p.add_argument("public", help="the public checkpoint (.pt state_dict, or a dict holding one)")
@@ -337,6 +398,7 @@ def run(args) -> int:
         raise UserError(f"--sample-rate must be >= 1, got {args.sample_rate}")
     cfg, state = convert(args.public, dt_transform=args.dt_transform, bits=args.bits,
                          quantization=args.quantization, sample_rate=args.sample_rate)
+    check_first_steps(cfg, state)
     try:
         checkpoint.save(out, dict(model_config=cfg.to_dict(), model=state, step=0,
                                   converted_from=dict(source="state-spaces/s4", path=str(args.public),

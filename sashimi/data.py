@@ -27,6 +27,7 @@ import functools
 import math
 import numbers
 import os
+import signal
 import struct
 import threading
 import time
@@ -95,12 +96,26 @@ def _warn_summary(message: str) -> None:
 # ---------------------------------------------------------------------------------- reading
 
 def audio_info(path) -> tuple[int, int, int]:
-    """(frames at the file's rate, file rate, file channels), from the header only."""
+    """(frames at the file's rate that decode, file rate, file channels): the header's, checked
+    against a read of the last frames (`_probe`), so a header that over-states the length gives
+    the length that really decodes."""
     try:
-        info = sf.info(str(path))
+        return _probe(Path(path))
+    except DataError:
+        raise
     except Exception as err:  # libsndfile errors, missing files, directories, ...
         raise DataError(f"{path}: unreadable audio file ({_one_line(err)})") from None
-    return int(info.frames), int(info.samplerate), int(info.channels)
+
+
+# Sample rates of the files read. Below 1 kHz nothing is audio (a file at 1 Hz resampled to
+# 16 kHz is 16,000 times its size); above 768 kHz (the model's own limit) neither.
+MIN_FILE_RATE, MAX_FILE_RATE = 1_000, 768_000
+
+
+def check_file_rate(rate: int, path) -> None:
+    if not MIN_FILE_RATE <= rate <= MAX_FILE_RATE:
+        raise UnreadableFile(f"{path}: sample rate {rate:,} Hz is outside {MIN_FILE_RATE:,} to "
+                             f"{MAX_FILE_RATE:,} Hz (not audio this package reads)")
 
 
 # soxr's "HQ" (its default, and librosa's): 20-bit precision, computed in float32. One setting
@@ -117,13 +132,24 @@ def _resampling(orig: int, new: int) -> tuple[int, int, int]:
     filters depend on the ratio), plus a quarter and one block (o frames) for safety."""
     g = math.gcd(orig, new)
     o, n = orig // g, new // g
-    span = 40 * max(1, -(-orig // new)) * 1024  # input frames: far beyond any soxr filter
+    span = 40 * max(1, -(-orig // new)) * 1024  # input frames (_measurement_size)
     impulse = np.zeros(2 * span, dtype=np.float64)
     impulse[span] = 1.0
     response = np.abs(soxr.resample(impulse, orig, new, quality=RESAMPLER_QUALITY))
     k = np.nonzero(response > 1e-9 * response.max())[0]
     reach = max(span - k[0] * orig / new, k[-1] * orig / new - span)
     return o, n, int(math.ceil(1.25 * reach)) + o
+
+
+# The support measurement resamples a test impulse of 2 x 40 x 1024 frames at the file's rate
+# (far beyond any soxr filter): its output grows as model rate / file rate. Where that output
+# is larger than both this budget and the whole file at the model's rate, the file is instead
+# read whole (exact), so no allocation is larger than a small multiple of the file's own size.
+MEASURE_BUDGET = 1 << 18   # output samples (2 MiB of float64)
+
+
+def _measurement_size(orig: int, new: int) -> int:
+    return 2 * 40 * max(1, -(-orig // new)) * 1024 * new // orig
 
 
 def model_frames(file_frames: int, file_rate: int, sample_rate: int) -> int:
@@ -190,19 +216,50 @@ def _ogg_seek_limit_cached(path: str, size: int, mtime_ns: int) -> int:
     return max(0, granules[-2] - 8192)
 
 
+def _read_frames(f: sf.SoundFile, count: int) -> np.ndarray:
+    """Up to `count` frames from the current position as float32 (frames, channels): what
+    decodes. soundfile's read() seeks to the new position after reading, which fails at the
+    real end of a file whose header over-states its length (libFLAC): libsndfile's own read,
+    which returns the frames it decoded, is called directly where soundfile exposes it."""
+    snd, ffi = getattr(sf, "_snd", None), getattr(sf, "_ffi", None)
+    if snd is None or ffi is None or not hasattr(snd, "sf_readf_float"):
+        return f.read(count, dtype="float32", always_2d=True)
+    out = np.empty((count, f.channels), dtype=np.float32)
+    got = 0
+    while got < count:   # in pieces, so that a decoder that stops early costs no more
+        n = snd.sf_readf_float(f._file, ffi.cast("float *", out[got:].ctypes.data), min(count - got, 1 << 20))
+        if n <= 0:
+            break
+        got += n
+    return out[:got]
+
+
 def _seek_read(f: sf.SoundFile, path, a: int, count: int) -> np.ndarray:
-    """Frames [a, a + count) of an open file as float32 (count, file_channels)."""
+    """Frames [a, a + count) of an open file as float32 (count, file_channels). Where a seek
+    fails (libFLAC near the real end of a file whose header over-states its length), the file
+    is reopened and decoded forward from further back."""
     seek_to = a
     if f.format == "OGG":
         seek_to = min(a, _ogg_seek_limit(str(path)))
-    try:
-        if seek_to:
-            f.seek(seek_to)
-        data = f.read(a - seek_to + count, dtype="float32", always_2d=True)
-    except Exception as err:
+    data, err = None, None
+    for attempt, back in enumerate(sorted({seek_to, max(0, seek_to - (1 << 16)), 0}, reverse=True)):
+        try:
+            g = f if attempt == 0 else sf.SoundFile(str(path))
+            try:
+                if back:
+                    g.seek(back)
+                data = _read_frames(g, a - back + count)
+            finally:
+                if g is not f:
+                    g.close()
+            seek_to = back
+            break
+        except Exception as exc:
+            err = exc
+    if data is None:
         raise DataError(f"{path}: cannot read frames [{a}, {a + count}) ({_one_line(err)})") from None
     if data.shape[0] != a - seek_to + count:
-        raise DataError(f"{path}: the file ended early (read {data.shape[0] - (a - seek_to)} of "
+        raise DataError(f"{path}: the file ended early (read {max(0, data.shape[0] - (a - seek_to))} of "
                         f"{count} frames at offset {a}): truncated or corrupt")
     return data[a - seek_to:]
 
@@ -218,11 +275,13 @@ def _warn_if_beyond_full_scale(data: np.ndarray, path) -> None:
 def _read(path, sample_rate: int, channels: int, start: int, frames: int | None,
           warn: bool = True) -> torch.Tensor:
     try:
+        n_file, rate, _ = _probe(Path(path))   # the length that decodes; a rate in range
         f = sf.SoundFile(str(path))
+    except DataError as err:
+        raise UnreadableFile(str(err)) from None
     except Exception as err:
         raise UnreadableFile(f"{path}: unreadable audio file ({_one_line(err)})") from None
     with f:
-        n_file, rate = int(f.frames), int(f.samplerate)
         total = model_frames(n_file, rate, sample_rate)
         if frames is None:
             frames = max(0, total - start)
@@ -233,6 +292,10 @@ def _read(path, sample_rate: int, channels: int, start: int, frames: int | None,
             return torch.zeros(0, channels)
         if rate == sample_rate:
             a, b = start, start + frames
+        elif _measurement_size(rate, sample_rate) > max(MEASURE_BUDGET, total):
+            g = math.gcd(rate, sample_rate)   # a short file at a low rate: read whole (exact)
+            o, n = rate // g, sample_rate // g
+            a, b = 0, n_file
         else:
             o, n, support = _resampling(rate, sample_rate)
             # Output block m (n outputs) reads inputs [m o - support, (m + 1) o + support):
@@ -422,21 +485,79 @@ def _scan(root: Path) -> list[Path]:
 
 
 def _probe(path: Path) -> tuple[int, int, int]:
-    """Header plus a read of the last frames, which catches truncated compressed files whose
-    header still claims the full length. Raises on any failure. Cached per (path, size,
-    mtime) and process, so the second split's scan is cheap."""
-    st = path.stat()
-    return _probe_cached(str(path), st.st_size, st.st_mtime_ns)
+    """(frames that decode, rate, channels): the header, checked by a read of the last frames.
+    A header that over-states the length (a common Vorbis end-trim; a truncated FLAC) gives
+    the length that really decodes, with one warning naming the file and the shortfall; a file
+    of which nothing decodes, or at a rate outside [MIN_FILE_RATE, MAX_FILE_RATE], raises.
+    Cached per (path, size, mtime) and process, so the second split's scan is cheap."""
+    st = os.stat(path)
+    frames, rate, ch, claimed = _probe_cached(str(path), st.st_size, st.st_mtime_ns)
+    if claimed != frames:
+        _warn_once(path, "short", f"{path}: the header says {claimed:,} frames but {frames:,} decode "
+                                  f"({claimed - frames:,} fewer, {(claimed - frames) / rate:.3f} s); "
+                                  f"read to where it ends")
+    return frames, rate, ch
 
 
 @functools.lru_cache(maxsize=65536)
-def _probe_cached(path: str, size: int, mtime_ns: int) -> tuple[int, int, int]:
+def _probe_cached(path: str, size: int, mtime_ns: int) -> tuple[int, int, int, int]:
+    """(frames that decode, rate, channels, frames the header claims)."""
     with sf.SoundFile(str(path)) as f:
         frames, rate, ch = int(f.frames), int(f.samplerate), int(f.channels)
-        if frames > 0:
-            k = min(frames, 16)
+        check_file_rate(rate, path)
+        if frames == 0:
+            return 0, rate, ch, 0
+        k = min(frames, 16)
+        try:
             _seek_read(f, path, frames - k, k)
-    return frames, rate, ch
+            return frames, rate, ch, frames
+        except DataError:
+            pass
+        decoded = _decoded_length(path, f.format, frames)
+    if decoded == 0:
+        raise UnreadableFile(f"{path}: nothing in it decodes (the header claims {frames:,} frames)")
+    return decoded, rate, ch, frames
+
+
+def _readable(path: str, frame: int) -> bool:
+    """Whether a seek to `frame` and a one-frame read succeed (in a fresh handle: a failed
+    seek can leave libFLAC's decoder unusable)."""
+    try:
+        with sf.SoundFile(path) as f:
+            f.seek(frame)
+            return _read_frames(f, 1).shape[0] == 1
+    except Exception:
+        return False
+
+
+def _decoded_length(path: str, fmt: str, claimed: int) -> int:
+    """How many frames of a file whose header claims `claimed` really decode: a bisection on
+    where a seek and a one-frame read still succeed, then a decode from a little before that
+    (from before the final page for Ogg, where seeking is not sample-exact) to the real end."""
+    lo, hi = 0, claimed   # frame lo reads (or lo == 0), frame hi does not
+    while hi - lo > 4096:
+        mid = (lo + hi) // 2
+        if _readable(path, mid):
+            lo = mid
+        else:
+            hi = mid
+    for start in sorted({max(0, lo - 8192), 0}, reverse=True):
+        if fmt == "OGG":
+            start = min(start, _ogg_seek_limit(path))
+        try:
+            with sf.SoundFile(path) as f:
+                if start:
+                    f.seek(start)
+                pos = start
+                while pos < claimed:
+                    got = _read_frames(f, min(1 << 16, claimed - pos)).shape[0]
+                    if got == 0:
+                        break
+                    pos += got
+            return pos
+        except Exception:
+            continue
+    return 0
 
 
 class AudioCrops(torch.utils.data.Dataset):
@@ -540,8 +661,12 @@ class AudioCrops(torch.utils.data.Dataset):
             elif self.channels == 2 and fc > 2:
                 multi.append(f"{name} ({fc} channels)")
                 _warned.add((str(path), "multichannel"))
+        shown = skipped[:20] + ([f"... and {len(skipped) - 20} more"] if len(skipped) > 20 else [])
+        if not self.files:   # one line: the error says why each file was skipped
+            raise DataError(f"no usable audio in {root}: all {len(candidates)} audio files were skipped "
+                            f"(unreadable, empty or shorter than the crop of {self.crop_frames} frames "
+                            f"at {self.sample_rate} Hz): " + ", ".join(shown))
         if skipped:
-            shown = skipped[:20] + ([f"... and {len(skipped) - 20} more"] if len(skipped) > 20 else [])
             _warn_summary(f"skipped {len(skipped)} of {len(candidates)} files: " + ", ".join(shown))
         if mono:
             _warn_summary(f"{len(mono)} mono file(s) in a stereo dataset, their channel duplicated: "
@@ -549,10 +674,6 @@ class AudioCrops(torch.utils.data.Dataset):
         if multi:
             _warn_summary(f"{len(multi)} file(s) with more than 2 channels, only the first two used: "
                           + ", ".join(multi[:20]) + (" ..." if len(multi) > 20 else ""))
-        if not self.files:
-            raise DataError(f"no usable audio in {root}: all {len(candidates)} audio files were skipped "
-                            f"(unreadable, empty or shorter than the crop of {self.crop_frames} frames "
-                            f"at {self.sample_rate} Hz)")
         return lengths
 
     # -- the split
@@ -702,8 +823,34 @@ def train_batches(dataset, *, batch_size: int, start_step: int = 0, rank: int = 
         pin_memory=bool(pin_memory and torch.cuda.is_available()),
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
+        worker_init_fn=_worker_ignores_stop_signals if num_workers > 0 else None,
     )
-    return iter(loader)
+    if num_workers == 0 or threading.current_thread() is not threading.main_thread():
+        return iter(loader)
+    # The workers are started with the stop signals blocked (a signal in between would find
+    # them with the default action, death) and ignore them from their first instruction on.
+    # torch's SIGCHLD handler, which raises a worker's death as an exception wherever the main
+    # process happens to be (inside a checkpoint write, say), is put back to what it was: a
+    # dead worker is then reported by the iterator's own liveness check, from next().
+    chld = signal.getsignal(signal.SIGCHLD)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        batches = iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL if chld is None else chld)
+    return batches
+
+
+# A job's preemption (SLURM, `timeout`, a closed terminal) signals every process of its group:
+# data-loader workers ignore these, and the main process, which owns shutdown, stops them.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _worker_ignores_stop_signals(worker_id: int) -> None:
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def valid_batches(dataset, *, batch_size: int) -> list[torch.Tensor]:

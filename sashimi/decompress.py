@@ -2,16 +2,16 @@
 bit-exact (see sashimi.codec)."""
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from sashimi import cli
 from sashimi.cli import command, refuse_existing
 from sashimi.codec import decompress
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m sashimi.decompress", description=__doc__.split("\n\n")[0])
+    p = cli.parser("sashimi.decompress", __doc__)
     p.add_argument("--checkpoint", required=True, help="the model the file was compressed with")
     p.add_argument("input", help="a .sash file")
     p.add_argument("output", help="the restored 16-bit PCM WAV")

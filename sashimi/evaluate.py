@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sashimi import checkpoint
+from sashimi import checkpoint, cli
 from sashimi.cli import (UserError, atomic_output, check_at_most, check_fits, check_out_dir, command,
                          resolve_device)
 from sashimi.model import LN2, ModelConfig, SaShiMi
@@ -108,12 +108,12 @@ def folder_excerpts(root: str, cfg: ModelConfig, seconds: float | None, offset: 
                     excerpts.append(Excerpt(name if per_file == 1 else f"{name}@{s / sr:.2f}s", audio))
         except DataError as exc:
             skipped.append(f"{name} ({' '.join(str(exc).split())})")
-    if skipped:
-        print(f"warning: skipped {len(skipped)} of {len(files)} files: " + "; ".join(skipped[:10])
-              + (" ..." if len(skipped) > 10 else ""), file=sys.stderr)
-    if not excerpts:
+    listed = "; ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else "")
+    if not excerpts:   # one line: the error says why each file was skipped
         raise UserError(f"--data: no usable audio under {root} (every file was unreadable or shorter "
-                        f"than {min_frames} frames at {sr} Hz)")
+                        f"than {min_frames} frames at {sr} Hz): {listed}")
+    if skipped:
+        print(f"warning: skipped {len(skipped)} of {len(files)} files: {listed}", file=sys.stderr)
     return excerpts
 
 
@@ -307,8 +307,7 @@ def plot(path: Path, summary: dict, names: list[str], title: str) -> None:
 # command line
 # --------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m sashimi.evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.parser("sashimi.evaluate", __doc__)
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by sashimi.train")
     p.add_argument("--data", default="synthetic",
                    help="folder (or file) of WAV/FLAC/OGG audio, or 'synthetic': fresh clips of the built-in music")

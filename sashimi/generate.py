@@ -17,7 +17,6 @@ eagerly.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import math
 import sys
@@ -29,7 +28,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from kernels.profiling import nvtx_range
-from sashimi import checkpoint
+from sashimi import checkpoint, cli
 from sashimi.cli import (UserError, atomic_output, check_at_most, check_fits, check_out_dir, command,
                          regular_file, resolve_device)
 from sashimi.checkpoint import CheckpointError
@@ -330,18 +329,19 @@ def choose(loglik: torch.Tensor, keep: str) -> list[int]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m sashimi.generate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.parser("sashimi.generate", __doc__)
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by sashimi.train")
     p.add_argument("--seconds", type=float, default=2.0, help="length of each sample (prompt included)")
     p.add_argument("--batch", type=int, default=1, help="samples generated in parallel")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature: below 1 is more conservative (a young model's samples at 1.0 "
+                        "are mostly noise)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (categorical head)")
     p.add_argument("--prompt", help="an audio file to continue (resampled to the model's rate)")
     p.add_argument("--keep", choices=("best", "middle", "all"), default="all",
                    help="which samples to write, ranked by their exact log-likelihood")
     p.add_argument("--out", default=None, help="output folder (default: <run folder>/samples)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the samples")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="on CUDA, run the step eagerly instead of replaying CUDA graphs")
@@ -401,14 +401,8 @@ def run(args) -> int:
         model = load_model(args.checkpoint, device)
     except CheckpointError as exc:
         raise UserError(str(exc)) from None
-    check_out_dir(out)
     cfg = model.cfg
-    frames = int(round(args.seconds * cfg.sample_rate))
-    if frames < 1:
-        raise UserError(f"--seconds {args.seconds} is less than one sample at {cfg.sample_rate} Hz")
-    check_batch_fits(model, args.batch, frames, device)
-    quantizer = cfg.quantizer
-    prompt = None
+    prompt = None   # read before --out is created: a refused prompt leaves nothing
     if args.prompt:
         from sashimi.data import DataError, read_audio
         try:
@@ -419,6 +413,12 @@ def run(args) -> int:
             raise UserError(f"the prompt {args.prompt} holds no audio")
         if not torch.isfinite(prompt).all():
             raise UserError(f"the prompt {args.prompt} holds NaN or infinite samples")
+    frames = int(round(args.seconds * cfg.sample_rate))
+    if frames < 1:
+        raise UserError(f"--seconds {args.seconds} is less than one sample at {cfg.sample_rate} Hz")
+    check_batch_fits(model, args.batch, frames, device)
+    check_out_dir(out)
+    quantizer = cfg.quantizer
     try:
         audio, loglik = generate_audio(model, frames, args.batch, quantizer, args.temperature, args.top_p,
                                        prompt, args.seed, cuda_graphs=False if args.no_cuda_graphs else None)

@@ -28,9 +28,9 @@ from torch import nn
 
 from kernels.profiling import nvtx_range
 from kernels.reference import check_tokens
-from sashimi import checkpoint
+from sashimi import checkpoint, cli
 from sashimi.cli import (UserError, atomic_output, check_at_most, check_fits, check_out_dir, command, cores,
-                         resolve_device, write_error)
+                         one_line, resolve_device, write_error)
 from sashimi.checkpoint import CheckpointError
 from sashimi.layouts import LAYOUTS
 from sashimi.model import PRESETS, ModelConfig, SaShiMi, count_parameters
@@ -83,7 +83,7 @@ TRAIN_FLAGS = ("data", "steps", "batch_size", "lr", "precision", "seed", "num_wo
 
 def parse_args(argv=None) -> argparse.Namespace:
     # flag defaults are None ("not given", see check_resume_flags); help texts state the real ones
-    p = argparse.ArgumentParser(prog="python -m sashimi.train", description=__doc__.split("\n\n")[0])
+    p = cli.parser("sashimi.train", __doc__)
     # None defaults: "not given", so --resume can tell a flag that contradicts the checkpoint
     p.add_argument("--stereo", action="store_true", default=None, help="two channels (laid out as --stereo-layout says)")
     p.add_argument("--stereo-layout", choices=tuple(LAYOUTS), default=None,
@@ -92,7 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "M = floor((L+R)/2), S = L-R (16-bit linear, DML head) (docs/layouts.md)")
     p.add_argument("--data", help="folder of WAV/FLAC/OGG files (searched recursively); default: built-in synthetic stereo music")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="model size (default: tiny)")
-    p.add_argument("--ssm", choices=("dplr", "diag"), default=None, help="S4 (DPLR, default) or S4D (diagonal)")
+    p.add_argument("--ssm", choices=("dplr", "diag"), default=None,
+                   help="S4 (dplr) or S4D (diag); default: the preset's (" + ", ".join(
+                       f"{name}: {PRESETS[name].get('ssm', ModelConfig.ssm)}" for name in sorted(PRESETS)) + ")")
     p.add_argument("--bits", type=int, choices=(8, 16), default=None, help="quantisation bits (default 8)")
     p.add_argument("--quantization", choices=("mu-law", "linear"), default=None, help="default mu-law")
     p.add_argument("--head", choices=tuple(HEADS), default=None, help="default categorical")
@@ -108,8 +110,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=None, help="frames per training example (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=None, help="examples per step per process (default 8)")
     p.add_argument("--steps", type=int, default=None, help="total optimiser steps (default 2000)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (S4's A, B, P, dt use 1e-3)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default=None, help="bf16: autocast for dense layers, SSM in fp32")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"learning rate (default {TrainConfig.lr:g}; S4's A, B, P, dt use 1e-3)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                   help="fp32 (default) or bf16: autocast for dense layers, SSM in fp32")
     p.add_argument("--out", default="runs/sashimi", help="run folder: checkpoint, CSV log, samples (default runs/sashimi)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
@@ -199,11 +203,16 @@ def train_config_from_args(args, base: TrainConfig | None = None) -> TrainConfig
     given = {k: getattr(args, k) for k in TRAIN_FLAGS}
     cfg = dataclasses.replace(base or TrainConfig(), **{k: v for k, v in given.items() if v is not None})
     # folders as absolute paths: --resume from another working folder compares the same audio
-    return dataclasses.replace(cfg, data=resolved(cfg.data), val_data=resolved(cfg.val_data))
+    return dataclasses.replace(cfg, data=resolved(cfg.data), val_data=resolved(cfg.val_data, "--val-data"))
 
 
-def resolved(folder: str | None) -> str | None:
-    return None if folder is None else str(Path(folder).expanduser().resolve())
+def resolved(folder: str | None, flag: str = "--data") -> str | None:
+    if folder is None:
+        return None
+    try:
+        return str(Path(folder).expanduser().resolve())
+    except (OSError, RuntimeError) as exc:   # a symlink loop (RuntimeError before Python 3.13)
+        raise UserError(f"{flag} {folder}: cannot resolve that path ({one_line(exc)})") from None
 
 
 def check_resume_flags(args, saved: ModelConfig) -> None:
@@ -251,7 +260,10 @@ def resume_plan(args, saved: dict, path) -> tuple[ModelConfig, TrainConfig, int,
     if wrong:
         raise UserError(f"--resume: {path}: unusable train_config: {', '.join(wrong[:3])}")
     old = TrainConfig(**stored)
-    old = dataclasses.replace(old, data=resolved(old.data), val_data=resolved(old.val_data))
+    problem = train_config_problem(old)
+    if problem:
+        raise UserError(f"--resume: {path}: unusable train_config: {problem}")
+    old = dataclasses.replace(old, data=resolved(old.data), val_data=resolved(old.val_data, "--val-data"))
     new = train_config_from_args(args, old)
     refused = [f"--{k.replace('_', '-')} {getattr(new, k)!r} (the run used {getattr(old, k)!r})"
                for k in RESUME_REFUSED if getattr(new, k) != getattr(old, k)]
@@ -269,6 +281,97 @@ def resume_plan(args, saved: dict, path) -> tuple[ModelConfig, TrainConfig, int,
     if new.steps != old.steps:
         changes.append(f"cosine schedule re-planned for {new.steps} steps (was {old.steps})")
     return model_cfg, new, step, changes
+
+
+STRICTLY_POSITIVE = ("lr", "sample_seconds")
+
+
+def train_config_problem(cfg: TrainConfig) -> str | None:
+    """What makes a stored TrainConfig unusable (a value out of the range its flag allows, see
+    check_args), or None: a resumed schedule or optimiser never starts from a value no flag
+    could set."""
+    ranges = {
+        "steps": (1, None), "batch_size": (1, None), "lr": (0, None), "weight_decay": (0, None),
+        "warmup_steps": (0, None), "grad_clip": (0, None), "seed": (0, cli.SEED_MAX),
+        "num_workers": (0, MAX_NUM_WORKERS), "val_every": (1, None), "checkpoint_every": (1, None),
+        "log_every": (1, None), "sample_every": (0, None), "sample_seconds": (0, None),
+        "val_crops": (1, MAX_VAL_CROPS),
+    }
+    for name, (least, most) in ranges.items():
+        value = getattr(cfg, name)
+        if name in STRICTLY_POSITIVE and not value > least:
+            return f"{name}={value!r} must be > {least}"
+        if value < least or (most is not None and value > most):
+            return f"{name}={value!r} must be in [{least}, {most if most is not None else 'inf'}]"
+    if cfg.precision not in ("fp32", "bf16"):
+        return f"precision={cfg.precision!r} must be fp32 or bf16"
+    return None
+
+
+def _number(value) -> float | None:
+    """A plain or 0-dim tensor number as a float, else None."""
+    if torch.is_tensor(value):
+        return float(value) if value.numel() == 1 and not value.is_complex() else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+ADAMW_FLAGS = ("amsgrad", "maximize", "differentiable")   # change what a step computes: must agree
+
+
+def optimizer_state_problem(saved, optimizer: torch.optim.Optimizer) -> str | None:
+    """Why a saved AdamW state cannot be this run's, or None: its groups (as many as the
+    model's, each with as many parameters) and their hyper-parameters (finite; lr and eps > 0,
+    betas in [0, 1), weight decay >= 0), and per parameter a finite step count >= 0 and two
+    finite moments of the parameter's shape (the second >= 0)."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("param_groups"), list) \
+            or not isinstance(saved.get("state"), dict):
+        return "not an optimiser state (no param_groups / state)"
+    groups, fresh = saved["param_groups"], optimizer.param_groups
+    if len(groups) != len(fresh):
+        return f"{len(groups)} parameter groups, the model has {len(fresh)}"
+    params = {}
+    for i, (group, current) in enumerate(zip(groups, fresh)):
+        if not isinstance(group, dict) or not isinstance(group.get("params"), list):
+            return f"parameter group {i} is not a dict with params"
+        if len(group["params"]) != len(current["params"]):
+            return f"parameter group {i} holds {len(group['params'])} parameters, the model's {len(current['params'])}"
+        for key, ok, want in (("lr", lambda v: v > 0, "> 0"), ("base_lr", lambda v: v > 0, "> 0"),
+                              ("eps", lambda v: v > 0, "> 0"), ("weight_decay", lambda v: v >= 0, ">= 0")):
+            if key not in group and key == "base_lr":
+                continue
+            v = _number(group.get(key))
+            if v is None or not math.isfinite(v) or not ok(v):
+                return f"parameter group {i}: {key} {group.get(key)!r} (must be a finite number {want})"
+        betas = group.get("betas")
+        if not isinstance(betas, (list, tuple)) or len(betas) != 2 or \
+                not all(_number(b) is not None and 0 <= _number(b) < 1 for b in betas):
+            return f"parameter group {i}: betas {betas!r} (must be two numbers in [0, 1))"
+        for flag in ADAMW_FLAGS:
+            if group.get(flag, current.get(flag)) != current.get(flag):
+                return f"parameter group {i}: {flag}={group.get(flag)!r} (this run's AdamW: {current.get(flag)!r})"
+        for index, p in zip(group["params"], current["params"]):
+            if isinstance(index, bool) or not isinstance(index, int):
+                return f"parameter group {i}: parameter id {index!r} is not an integer"
+            params[index] = p
+    for index, entry in saved["state"].items():
+        if index not in params:
+            return f"state for parameter {index!r}, which no group holds"
+        if not isinstance(entry, dict):
+            return f"state of parameter {index} is not a dict"
+        step = _number(entry.get("step"))
+        if step is None or not math.isfinite(step) or step < 0:
+            return f"parameter {index}: step {entry.get('step')!r} (must be a finite number >= 0)"
+        for key in ("exp_avg", "exp_avg_sq"):
+            t = entry.get(key)
+            if not torch.is_tensor(t) or not t.is_floating_point() or t.shape != params[index].shape:
+                shape = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+                return f"parameter {index}: {key} {shape} (the parameter: {tuple(params[index].shape)})"
+            if not torch.isfinite(t).all() or (key == "exp_avg_sq" and (t < 0).any()):
+                return f"parameter {index}: {key} holds " + ("negative" if torch.isfinite(t).all() else "non-finite") \
+                       + " values"
+    return None
 
 
 def _same_kind(value, default) -> bool:
@@ -289,9 +392,11 @@ class RunLock:
     def __init__(self, out: Path):
         self.path = out / ".lock"
         self.fd: int | None = None
+        self.made = False   # whether this run created the lock file
 
     def __enter__(self):
         import fcntl
+        self.made = not os.path.lexists(self.path)
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
@@ -307,6 +412,25 @@ class RunLock:
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, str(os.getpid()).encode(), 0)
         return self
+
+    def discard(self, created: Path | None) -> None:
+        """Undo what this run added to disk, for a run that ends refused: the lock file if it
+        made it, and the folders it created if they are empty (a folder holding anything,
+        such as a checkpoint, is kept with the lock file)."""
+        if self.fd is None or not self.made:
+            return
+        folder = self.path.parent
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)   # unlinked while held: no other run can hold it meanwhile
+        if created is None:
+            return
+        for p in [folder, *folder.parents]:
+            try:
+                p.rmdir()          # only an empty folder goes
+            except OSError:
+                return
+            if p == created:
+                return
 
     def __exit__(self, *exc):
         if self.fd is not None:
@@ -495,13 +619,14 @@ def validate(model: SaShiMi, batches, device, precision: str, distributed: bool,
 
 
 class StopRequest:
-    """Ctrl-C or SIGTERM (what SLURM, Kubernetes and `timeout` send on preemption), as a request
+    """Ctrl-C, SIGTERM (what SLURM, Kubernetes and `timeout` send on preemption) or SIGHUP (a
+    closed terminal), as a request
     the training loop acts on. The handler only records it: the loop polls `requested` between
     phases (data, step, validation, checkpoint, sample), abandons validation or a sample in
-    progress, writes the checkpoint of the last completed step and exits 130 / 143. A second
+    progress, writes the checkpoint of the last completed step and exits 130 / 143 / 129. A second
     signal stops at once (KeyboardInterrupt); the run then says which checkpoint is on disk."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)   # data-loader workers ignore them
 
     def __init__(self):
         self.requested = False
@@ -569,14 +694,31 @@ def run(args) -> int:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     main = rank == 0
     out = Path(args.out)
+    created = first_missing(out) if main else None
     if main:
         check_out_dir(out)
     from sashimi.data import DataError
-    with RunLock(out) if main else contextlib.nullcontext():
+    with RunLock(out) if main else contextlib.nullcontext() as lock:
         try:
             return _run_locked(args, device, distributed, rank, world, main, out)
         except DataError as exc:   # e.g. data that is all NaN: every crop is unusable
+            if lock is not None:
+                lock.discard(created)
             raise UserError(data_error_line(exc)) from None
+        except UserError:
+            if lock is not None:   # a refused run leaves --out as it was
+                lock.discard(created)
+            raise
+
+
+def first_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` that does not exist yet (what creating it would add)."""
+    missing = None
+    for p in [path, *path.parents]:
+        if os.path.lexists(p):
+            break
+        missing = p
+    return missing
 
 
 def data_error_line(exc: Exception) -> str:
@@ -650,6 +792,10 @@ def build_model(setup: Setup, device: torch.device) -> tuple[SaShiMi, torch.opti
         if isinstance(saved["model"], dict) else "no model weights"
     if mismatch:
         raise UserError(f"--resume: the checkpoint does not fit this model: {mismatch}")
+    problem = optimizer_state_problem(saved["optimizer"], optimizer)
+    if problem:
+        raise UserError(f"--resume: {setup.used_path}: unusable optimiser state: {problem}")
+    devices = [{k: g.get(k) for k in ("foreach", "fused", "capturable")} for g in optimizer.param_groups]
     try:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -657,9 +803,12 @@ def build_model(setup: Setup, device: torch.device) -> tuple[SaShiMi, torch.opti
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
         raise UserError(f"--resume: the checkpoint does not fit this model: "
                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    # the saved groups carry the old lr / weight decay: apply the current ones
-    for group, fresh in zip(optimizer.param_groups, param_groups(model, train_cfg.lr, train_cfg.weight_decay)):
+    # the saved groups carry the old lr / weight decay, and the implementation of the device the
+    # run was on (fused on CUDA): apply the current ones
+    for group, fresh, device_flags in zip(optimizer.param_groups,
+                                          param_groups(model, train_cfg.lr, train_cfg.weight_decay), devices):
         group["base_lr"], group["weight_decay"] = fresh["base_lr"], fresh["weight_decay"]
+        group.update(device_flags)
     return model, optimizer
 
 
@@ -788,8 +937,9 @@ def _run_locked(args, device, distributed, rank, world, main, out: Path) -> int:
         print(f"threads: {torch.get_num_threads()} torch, {workers} data loader workers"
               + (f" ({len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores; "
                  "--threads / --num-workers override)" if device.type == "cpu" else ""))
-    batches = train_batches(train_set, batch_size=train_cfg.batch_size, start_step=setup.start_step, rank=rank,
-                            world_size=world, num_workers=workers, pin_memory=device.type == "cuda")
+    batches = Batches(lambda start: train_batches(
+        train_set, batch_size=train_cfg.batch_size, start_step=start, rank=rank, world_size=world,
+        num_workers=workers, pin_memory=device.type == "cuda"), setup.start_step)
     # validation needs no gradients: batches of up to 64k tokens (at least the training batch),
     # so that 256 crops are a few forward passes (each pass also builds every S4 kernel)
     val_batch = max(train_cfg.batch_size, min(64, 65536 // model_cfg.l_max))
@@ -807,7 +957,7 @@ def _run_locked(args, device, distributed, rank, world, main, out: Path) -> int:
         dist.destroy_process_group()
         if not same:
             status = status or 4
-    if main and status in (0, 130, 143):
+    if main and status in (0, 129, 130, 143):
         print(f"checkpoint: {run.ckpt_path} (step {saved_step})" if saved_step is not None
               else "checkpoint: none written (no step completed)")
         print(f"log: {log.path}")
@@ -857,7 +1007,7 @@ def train_loop(run: Run, batches, val_data, log: CsvLog) -> tuple[int, int | Non
             while step < train_cfg.steps and not stopping and not (stop.requested and not distributed):
                 pause_point("data", step, stop)
                 with nvtx_range("sashimi/train/data"):
-                    batch = next(batches)
+                    batch = batches.next(step)
                     check_tokens(batch, model_cfg.levels, "training data")
                     batch = batch.to(device, non_blocking=True)
                 if stop.requested and not distributed:
@@ -906,6 +1056,12 @@ def train_loop(run: Run, batches, val_data, log: CsvLog) -> tuple[int, int | Non
                 if main and saved_step != step:
                     save_now()
                 status = stop.exit_code
+        except LoaderFailed as exc:  # workers that keep dying: the last completed step is kept
+            bar.close()
+            if main and saved_step != step:
+                save_now()
+            print(f"error: {exc}; the checkpoint of step {saved_step} is on disk", file=sys.stderr)
+            status = 1
         except UserError:           # e.g. a disk that fills: the one line starts on its own line
             bar.close()
             raise
@@ -916,6 +1072,39 @@ def train_loop(run: Run, batches, val_data, log: CsvLog) -> tuple[int, int | Non
             status = stop.exit_code if stop.requested else 130
     bar.close()
     return status, saved_step
+
+
+class LoaderFailed(Exception):
+    """The data loader's workers died again and again (killed from outside, out of memory)."""
+
+
+class Batches:
+    """The training batches, step by step. A data-loader worker that dies anyway (the stop
+    signals it ignores; SIGKILL, the OOM killer) is a data fault: the loader is restarted at the
+    same step (a step's batch is a function of the step), at most MAX_RESTARTS times a run;
+    then LoaderFailed, and the loop keeps the last completed step."""
+
+    MAX_RESTARTS = 3
+
+    def __init__(self, make, start_step: int):
+        self.make, self.restarts = make, 0
+        self.it = make(start_step)
+
+    def next(self, step: int) -> torch.Tensor:
+        while True:
+            if self.it is None:
+                self.it = self.make(step)
+            try:
+                return next(self.it)
+            except RuntimeError as exc:
+                if "DataLoader worker (pid" not in str(exc):   # a worker that died, not its error
+                    raise
+                self.it = None   # its remaining workers are shut down as it goes
+                why = str(exc).strip().splitlines()[0]
+                if self.restarts >= self.MAX_RESTARTS:
+                    raise LoaderFailed(f"the data loader failed {self.restarts + 1} times ({why})") from None
+                self.restarts += 1
+                print(f"warning: {why}; restarting the data loader at step {step + 1}", file=sys.stderr, flush=True)
 
 
 def step_on_disk(ckpt_path: Path) -> int | None:

@@ -130,6 +130,10 @@ class DMLHead(nn.Module):
         typical one, or (`scaled`: the predictor gives a scale) the predictor's."""
         with torch.no_grad():
             self.linear.bias[2 * self.m:] = self.LOG_SCALE_OF_MEAN_ABS if scaled else self.INIT_LOG_SCALE
+            if scaled:   # start exactly at the predictor: random corrections of ~2^-7 (256 16-bit
+                #          steps) would cost more than a residual of CD music before they are learnt
+                self.linear.weight[self.m:].zero_()
+                self.linear.bias[self.m:2 * self.m] = 0.0
 
     @classmethod
     def anchored(cls, out: torch.Tensor, anchor: torch.Tensor, log_scale: torch.Tensor | None = None) -> torch.Tensor:

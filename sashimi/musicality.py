@@ -209,6 +209,35 @@ def musicality(audio, sr: int) -> Result:
     return Result([channel_musicality(a[:, c], sr) for c in range(a.shape[1])])
 
 
+def controls(sr: int, seconds: float = 4.0, seed: int = 1) -> dict[str, np.ndarray]:
+    """What the measure must not pass, float mono at `sr` Hz (peak 0.3-0.6): white, pink,
+    low-pass and band-pass noise (down to a 20 Hz band), a held sine and a held harmonic tone."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * sr)
+    w = rng.standard_normal(n)
+    f = np.fft.rfftfreq(n, 1 / sr)
+
+    def shaped(gain):
+        y = np.fft.irfft(np.fft.rfft(w) * gain, n)
+        return 0.3 * y / np.abs(y).max()
+
+    def band(lo, hi):
+        return shaped(((f >= lo) & (f <= hi)).astype(float))
+
+    t = np.arange(n) / sr
+    return {
+        "white noise": 0.6 * w / np.abs(w).max(),
+        "pink noise": shaped(np.where(f > 0, 1 / np.sqrt(np.maximum(f, 1e-9)), 0.0)),
+        "low-pass noise, 400 Hz": band(0, 400),
+        "low-pass noise, 1 kHz": band(0, 1000),
+        "band-pass noise, 250-350 Hz": band(250, 350),
+        "band-pass noise, 975-1025 Hz": band(975, 1025),
+        "band-pass noise, 990-1010 Hz": band(990, 1010),
+        "sine, 440 Hz": 0.5 * np.sin(2 * np.pi * 440 * t),
+        "harmonic tone, 220 Hz x 1-6": 0.2 * sum(np.sin(2 * np.pi * 220 * k * t) / k for k in range(1, 7)),
+    }
+
+
 def read(path) -> tuple[np.ndarray, int]:
     """(float64 (frames, channels), rate) of an audio file; UserError (one line) if unreadable."""
     import soundfile as sf

@@ -16,7 +16,7 @@ import numpy as np
 
 INSTALL_HINT = "pip install 'sashimi-triton[plots]' (or: pip install matplotlib)"
 RANGE_DB = 80.0
-F_MAX = 5000.0          # the measure's band; lines above it are rare in music at these rates
+F_MAX = 4000.0          # the common band of 8 and 16 kHz models; most of a note's harmonics
 
 
 def require_matplotlib() -> None:

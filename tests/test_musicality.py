@@ -26,30 +26,8 @@ def quantised(x: np.ndarray) -> np.ndarray:
     return q.decode(q.encode(torch.from_numpy(np.ascontiguousarray(x)).float())).double().numpy()
 
 
-def noise_controls(sr: int, seconds: float = 4.0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(1)
-    n = int(seconds * sr)
-    w = rng.standard_normal(n)
-    f = np.fft.rfftfreq(n, 1 / sr)
-
-    def shaped(gain):
-        y = np.fft.irfft(np.fft.rfft(w) * gain, n)
-        return 0.3 * y / np.abs(y).max()
-
-    band = lambda lo, hi: shaped(((f >= lo) & (f <= hi)).astype(float))
-    t = np.arange(n) / sr
-    controls = {
-        "white": 0.2 * w / np.abs(w).max() * 3,
-        "pink": shaped(np.where(f > 0, 1 / np.sqrt(np.maximum(f, 1e-9)), 0.0)),
-        "low-pass 400 Hz": band(0, 400),
-        "low-pass 1 kHz": band(0, 1000),
-        "band-pass 250-350 Hz": band(250, 350),
-        "band-pass 975-1025 Hz": band(975, 1025),
-        "band-pass 990-1010 Hz": band(990, 1010),
-        "sine 440 Hz": 0.5 * np.sin(2 * np.pi * 440 * t),
-        "harmonic tone 220 Hz": 0.2 * sum(np.sin(2 * np.pi * 220 * k * t) / k for k in range(1, 7)),
-    }
-    return {k: quantised(v) for k, v in controls.items()}
+def noise_controls(sr: int) -> dict[str, np.ndarray]:
+    return {k: quantised(v) for k, v in M.controls(sr).items()}
 
 
 @pytest.mark.parametrize("sr", [16000, 8000])
@@ -69,8 +47,8 @@ def test_the_data_passes_and_every_control_fails_far_from_it(sr):
 def test_the_parts_say_why_a_control_fails():
     sr = 16000
     c = noise_controls(sr)
-    white = M.musicality(c["white"], sr).channels[0]
-    sine = M.musicality(c["sine 440 Hz"], sr).channels[0]
+    white = M.musicality(c["white noise"], sr).channels[0]
+    sine = M.musicality(c["sine, 440 Hz"], sr).channels[0]
     assert white.lines == 0.0                     # noise: no sustained line
     assert sine.lines == 1.0 and sine.changes_per_s < 0.5   # a held tone: a line, no changes
     silence = M.musicality(np.zeros(sr), sr)
@@ -81,7 +59,7 @@ def test_the_score_is_the_least_musical_channels():
     """A stereo file with music in L and noise in R does not pass."""
     sr = 16000
     clip = quantised(SyntheticStereoMusic(sr, seconds_per_clip=4.0, seed=0).clip(3).numpy())
-    mixed = np.stack([clip[:, 0], noise_controls(sr)["low-pass 400 Hz"]], 1)
+    mixed = np.stack([clip[:, 0], noise_controls(sr)["low-pass noise, 400 Hz"]], 1)
     r = M.musicality(mixed, sr)
     assert r.channels[0].score >= DATA_FLOOR and r.channels[1].score <= CONTROL_CEILING
     assert r.score == r.channels[1].score and not M.passes(r)
@@ -91,7 +69,7 @@ def test_command_line(tmp_path, capsys):
     sr = 16000
     clip = quantised(SyntheticStereoMusic(sr, seconds_per_clip=4.0, seed=0).clip(0).numpy())
     sf.write(tmp_path / "music.wav", clip, sr, subtype="PCM_16")
-    sf.write(tmp_path / "noise.wav", noise_controls(sr)["pink"], sr, subtype="PCM_16")
+    sf.write(tmp_path / "noise.wav", noise_controls(sr)["pink noise"], sr, subtype="PCM_16")
     assert M.main([str(tmp_path / "music.wav"), str(tmp_path / "noise.wav")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert "(notes;" in out[0] and "(no notes;" in out[1]

@@ -3,8 +3,9 @@ writes a WAV that the musicality measure scores as its data or near it.
 
 The threshold comes from the data and the controls (tests/test_musicality.py, QUALITY.md):
 every channel of the built-in music scores >= 0.50, every noise control and held tone
-<= 0.11; the pass rule is >= PASS_SCORE (0.25). The quickstart's sample must clear
-QUICKSTART_FLOOR, stated below with what it is measured to reach.
+<= 0.104; the pass rule is >= PASS_SCORE (0.25), which the quickstart's sample must clear.
+Measured (QUALITY.md): 0.476 and 0.408 (sampling seeds 0 and 1 of one training run); the old
+16 kHz recipe's sample scored 0.000.
 
 Needs the repository's .venv (what scripts/test.sh and CI run in): the script runs its own
 set-up, which is a no-op there; elsewhere the test is skipped.
@@ -18,12 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from sashimi.musicality import musicality, read
+from sashimi.musicality import PASS_SCORE, musicality, read
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART_FLOOR = 0.25     # PASS_SCORE; see the module docstring
 
 
 def test_the_quickstart_sample_holds_notes(tmp_path):
@@ -38,4 +38,4 @@ def test_the_quickstart_sample_holds_notes(tmp_path):
     assert len(wavs) == 1
     audio, sr = read(wavs[0])
     result = musicality(audio, sr)
-    assert result.score >= QUICKSTART_FLOOR, result.as_dict()
+    assert result.score >= PASS_SCORE, result.as_dict()

@@ -1,4 +1,4 @@
-"""Does audio sound like the built-in music: held notes that change, or noise? numpy only.
+"""Does audio sound like music: held notes that change, or noise? numpy only; ~0.04 CPU-s per s.
 
 Spectral flatness and centroid cannot tell low-pass noise from music (a low-pass noise has the
 flatness and centroid of a bass line). This measure looks for what noise does not have:
@@ -6,9 +6,10 @@ flatness and centroid of a bass line). This measure looks for what noise does no
 1. **Sustained spectral lines.** Short-time spectra (64 ms Hann frames, hop 16 ms, the same at
    every sample rate); in each frame the local maxima at least `PEAK_DB` above the median of
    their spectral neighbourhood (+-250 Hz), between 50 Hz and 5 kHz, their frequency refined by
-   parabolic interpolation, and within `RANGE_DB` of the frame's strongest. A peak continues a peak of the previous frame that lies within
-   `GLIDE_HZ` (a held note's vibrato moves a partial by less; the random peaks of noise, even
-   of a narrow band of it, jump further). A chain of >= 100 ms is a sustained line.
+   parabolic interpolation, and within `RANGE_DB` of the frame's strongest. A peak continues
+   the nearest peak of the previous frame within `GLIDE_HZ` (a held note's vibrato moves a
+   partial by less; the random peaks of noise, even of a narrow band of it, jump further). A
+   chain of >= 100 ms is a sustained line.
 2. **Notes that change.** A note change is the start of a sustained line whose pitch (in
    semitones) no sustained line held during the `NEW_PITCH_S` before it; starts within 50 ms
    of each other are one change (a note's harmonics start together).

@@ -347,6 +347,8 @@ def parse_args(argv=None):
                    help="on CUDA, run the step eagerly instead of replaying CUDA graphs")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing WAVs of the same name (default: pick new names)")
+    p.add_argument("--spectrogram", action="store_true",
+                   help="also write a spectrogram PNG beside each WAV (needs matplotlib)")
     return p.parse_args(argv)
 
 
@@ -368,6 +370,9 @@ def check_args(args) -> None:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
     if args.prompt is not None:
         regular_file(args.prompt, "--prompt")   # missing, a folder, a FIFO: one line
+    if args.spectrogram:
+        from sashimi.spectrogram import require_matplotlib
+        require_matplotlib()                     # before the work, not after it
 
 
 def check_batch_fits(model: SaShiMi, batch: int, frames: int, device: torch.device) -> None:
@@ -433,6 +438,9 @@ def run(args) -> int:
         print(f"{path}  log-likelihood {loglik[i].item():.1f} bits "
               f"({-loglik[i].item() / max(1, n_gen):.3f} bits/sample NLL), "
               f"{audio.shape[1] / cfg.sample_rate:.2f} s, {cfg.channels} ch, {cfg.sample_rate} Hz")
+        if args.spectrogram:
+            from sashimi.spectrogram import write_png
+            print(write_png(path.with_suffix(".png"), audio[i].numpy(), cfg.sample_rate, path.name))
     return 0
 
 

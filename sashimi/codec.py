@@ -510,6 +510,7 @@ def _show(bar) -> None:
 def encode_tokens(model: SaShiMi, tokens, chunks: Chunking, progress: bool = False, workers: Workers | None = None):
     """tokens (frames, C) -> (one uint32 array per group; the model's ideal cost in bits per
     channel of the model (C,), its layout's channel_names)."""
+    model.setup_step()
     return _encode_start(model, np.asarray(tokens, dtype=np.int32), chunks, workers)()
 
 
@@ -543,6 +544,7 @@ def decode_tokens(model: SaShiMi, streams: list[np.ndarray], chunks: Chunking, p
     """The tokens (frames, C) int32 from the groups' streams, in this process (measurements,
     tests); `crcs`: each group's token CRC, checked as the group ends."""
     C = model.cfg.channels
+    model.setup_step()
     tokens = np.empty((chunks.frames, C), dtype=np.int32)
     for g, (group, stream) in enumerate(zip(chunks.groups(), streams)):
         def put(row, first, block, group=group):

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from sashimi import codec
 from sashimi.codec import MAGIC
@@ -232,3 +233,23 @@ def test_full_range_noise_costs_at_most_bits_plus_10(coded, tmp_path):
     report = codec.compress(ckpt, src, tmp_path / "n.sash", progress=False, say=lambda *a: None)
     assert report["payload_bits_per_sample"] <= 16 + 10 + 0.1, report
     assert abs(report["nll_bits_per_sample"] - report["payload_bits_per_sample"]) < 0.1, report
+
+
+def test_format_2_still_decodes(coded, tmp_path):
+    """A file of format 2 (64-symbol stages, every edge evaluated, a CRC per chunk) decodes."""
+    ckpt, root = coded
+    model, digest = codec.load_model(ckpt)
+    x = sf.read(str(root / "in.wav"), dtype="float32", always_2d=True)[0]
+    tokens = codec.quantized(model.cfg.quantizer, torch.from_numpy(x))
+    chunks = codec.Chunking(len(tokens), 100, 5)
+    zero = model.cfg.quantizer.zero_token
+    payloads = [codec.encode_group(model, *codec._group_frames(tokens, chunks, g, zero), version=2)[0]
+                .astype("<u4").tobytes() for g in chunks.groups()]
+    header = dict(format_version=2, checkpoint_sha256=digest, sample_rate=RATE, channels=1, bits=16,
+                  quantization="linear", frames=chunks.frames, chunk_frames=100, group_chunks=5,
+                  streams=_streams(payloads), **codec.arithmetic(torch.device("cpu")),
+                  chunk_tokens_crc32=[codec.token_crc(tokens[i * 100:(i + 1) * 100]) for i in range(chunks.count)])
+    (tmp_path / "v2.sash").write_bytes(_forge(header, b"".join(payloads)))
+    assert decompress_main(["--checkpoint", str(ckpt), str(tmp_path / "v2.sash"), str(tmp_path / "v2.wav"),
+                            "--quiet"]) == 0
+    assert (tmp_path / "v2.wav").read_bytes() == (root / "in.wav").read_bytes()

@@ -2,6 +2,8 @@
 likelihood, and one-line errors."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -298,3 +300,14 @@ def test_cuda_graphs_equal_eager_frames_gpu(head):
     eager, ll_e = generate_audio(m, 400, 4, q, temperature=0.9, seed=6, progress=False, cuda_graphs=False)
     graphs, ll_g = generate_audio(m, 400, 4, q, temperature=0.9, seed=6, progress=False, cuda_graphs=True)
     assert torch.equal(eager, graphs) and torch.allclose(ll_e, ll_g)
+
+
+def test_token_conversion_lives_in_the_session():
+    """No code converts between the file's channels and the model's tokens (the layout's
+    to_model / from_model) but sashimi.session (and the layouts that define it)."""
+    import re
+    root = Path(__file__).resolve().parents[1]
+    offenders = [str(p.relative_to(root)) for folder in ("sashimi", "bench") for p in (root / folder).rglob("*.py")
+                 if "layouts" not in p.parts and p.name != "session.py"
+                 and re.search(r"layout\.(to_model|from_model)\(", p.read_text())]
+    assert offenders == []

@@ -177,16 +177,24 @@ def test_two_compresses_to_one_path_leave_one_file_and_one_refusal(coded, tmp_pa
     assert (tmp_path / "back.wav").read_bytes() == winner.read_bytes()
 
 
-@pytest.mark.parametrize("command", ["compress", "decompress"])
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
-def test_a_signal_is_one_line_its_exit_code_and_nothing_left(coded, tmp_path, command, sig):
+@pytest.fixture(scope="module")
+def long_file(coded):
+    """40 s of audio and its .sash: long enough to be mid-coding when a signal comes."""
     ckpt, root = coded
-    src = tmp_path / "long.wav"
+    src = root / "long.wav"
     t = np.arange(40 * RATE) / RATE
     sf.write(str(src), (0.3 * np.sin(2 * np.pi * 220 * t))[:, None].astype(np.float32), RATE, subtype="PCM_16")
+    assert compress_main(["--checkpoint", str(ckpt), str(src), str(root / "long.sash"), "--quiet"]) == 0
+    return src, root / "long.sash"
+
+
+@pytest.mark.parametrize("command", ["compress", "decompress"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_is_one_line_its_exit_code_and_nothing_left(coded, long_file, tmp_path, command, sig):
+    ckpt, _ = coded
+    src, sash = long_file
     if command == "decompress":
-        assert compress_main(["--checkpoint", str(ckpt), str(src), str(tmp_path / "long.sash"), "--quiet"]) == 0
-        args = [str(tmp_path / "long.sash"), str(tmp_path / "out.wav")]
+        args = [str(sash), str(tmp_path / "out.wav")]
     else:
         args = [str(src), str(tmp_path / "out.sash")]
     before = sorted(os.listdir(tmp_path))

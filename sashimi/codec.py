@@ -755,9 +755,9 @@ def read_container(path: Path) -> tuple[dict, list[np.ndarray]]:
             if zlib.crc32(blob) != crc:
                 raise CodecError(f"{path}: the header is damaged (CRC mismatch)")
             header = _validated_header(path, blob, size - len(head) - n - 4)
-            streams = []
+            streams, data, at = [], memoryview(fh.read(size - len(head) - n - 4)), 0
             for i, s in enumerate(header["streams"]):
-                payload = fh.read(s["bytes"])
+                payload, at = data[at:at + s["bytes"]], at + s["bytes"]
                 if len(payload) != s["bytes"] or zlib.crc32(payload) != s["crc32"]:
                     raise CodecError(f"{path}: stream {i + 1} of {len(header['streams'])} is damaged "
                                      f"({'truncated' if len(payload) != s['bytes'] else 'CRC mismatch'}); "

@@ -233,26 +233,23 @@ def make_generation_loop(model, batch: int, steps: int, seed: int = 0, fused: bo
     does, carrying token, state and step index over between calls; fused=False: the eager
     PyTorch step module by module, else one kernels.tier_step launch per tier."""
     from kernels.profiling import nvtx_range
-    from sashimi.quantize import Quantizer
+    from sashimi.session import Session
     model.setup_step(fused=fused)
-    device = model.embedding.weight.device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    state = model.default_state(batch)
-    zero = Quantizer(model.cfg.quantization, model.cfg.bits).zero_token     # silence
-    shape = (batch, model.cfg.step_tokens) if model.cfg.step_tokens > 1 else (batch,)   # a frame, or a token
-    carry = dict(token=torch.full(shape, zero, dtype=torch.long, device=device), t=0)
-    loglik = torch.zeros(batch, dtype=torch.float64, device=device)
+    session = Session(model, batch, setup=False)
+    gen = torch.Generator(device=session.device).manual_seed(seed)
+    first = session.first_position()              # silence, as the model sees it (mid/side too)
+    carry = dict(token=first)
+    loglik = torch.zeros(batch, dtype=torch.float64, device=session.device)
 
     @torch.no_grad()
     def loop():
-        token, t = carry["token"], carry["t"]
+        token = carry["token"]
         for _ in range(steps):
             with nvtx_range("sashimi/generate/step"):
-                token, logp = model.sample_next(model.step(token, state, t), generator=gen)
-                token = token.view(shape)
+                token, logp = model.sample_next(session.step(token), generator=gen)
+                token = token.view(first.shape)
                 loglik.add_(logp.double())
-            t += 1
-        carry["token"], carry["t"] = token, t
+        carry["token"] = token
         return token
 
     return loop
@@ -262,13 +259,15 @@ def make_sampler_loop(model, batch: int, steps: int, graphs: bool = True):
     """sashimi.generate's step sampler (sampling and likelihood on the device, no host sync):
     one replayed CUDA graph per step (graphs=True), or the same sampler stepped eagerly."""
     from sashimi.generate import StepSampler, capture_step_graphs, run_steps
+    from sashimi.session import Session
     model.setup_step()
     device = model.embedding.weight.device
     n = 1 << 16                                     # position buffer; wraps around (see below)
     tokens = torch.zeros(batch, n * model.cfg.step_tokens, dtype=torch.long, device=device)
     loglik = torch.zeros(batch, dtype=torch.float64, device=device)
-    sampler = StepSampler(model, model.default_state(batch), tokens, loglik, 0,
+    sampler = StepSampler(Session(model, batch, setup=False), tokens, loglik, 0,
                           generator=torch.Generator(device=device).manual_seed(0))
+    sampler.cur.copy_(sampler.session.first_position().view(sampler.cur.shape))    # from silence
     with torch.no_grad():        # tier_step is inference-only: capture outside autograd
         captured = capture_step_graphs(sampler) if graphs else None
     carry = dict(t=0, written=0)

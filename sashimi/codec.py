@@ -11,15 +11,19 @@ The input's rate and channel count must be the model's (a lossless codec never r
 
 How a file is coded. It is cut into chunks of `chunk_frames` frames; each chunk starts from
 one frame of silence, as generation does, so chunks are independent contexts, and all chunks
-of a group (at most `group_chunks`) advance together: one recurrent step of the model per
-token position, for the whole batch. Nothing is held per position beyond the audio itself (as
-16-bit integers): memory grows with the batch, not with the duration.
+of a group (at most `group_chunks`) advance together: one recurrent step of the model (a
+`Session`) per token position, for the whole batch. Groups are independent: `--jobs` worker
+processes code them side by side (auto_chunking makes wide groups, at least one per job).
+Nothing is held per position beyond the audio itself: memory grows with the batch, not with
+the duration.
 Each token is coded through its interval, never a full table: a 2^bits alphabet is split into
-stages of at most 64 symbols (16-bit: 64 x 64 x 16), and each stage codes one digit with a table
-of the head's CDF (`head.cdf`) at that digit's edges: 147 edges instead of 65,537 (the fastest
-split measured on CPU: 256 x 256 was 13% and 16^4 8% slower). The range
-coder is constriction's (`Categorical(perfect=False)` tables in a queue `RangeEncoder`); all
-rows of a step go to it in one call. One stream per group.
+4-symbol digits (16-bit: 8 stages), and each stage codes one digit with a table of the head's
+CDF (`head.cdf`) at that digit's 5 edges, the outer two known from the stage before: 24 CDF
+evaluations per 16-bit token instead of 65,537 (format 2's 64 x 64 x 16 evaluated 147, 1.6x
+slower on wide batches, where the CDF is most of the work). The coded CDF is the model's mixed
+with a uniform one (UNIFORM_WEIGHT), so no token costs more than bits + 10. The range coder is
+constriction's (`Categorical(perfect=False)` tables in a queue `RangeEncoder`); all rows of a
+step go to it in one call. One stream per group.
 
 What the decoder relies on (each held by a test in tests/test_codec.py):
 1. The same batch. Decoder and encoder step the same chunks in the same order, finished
@@ -34,8 +38,9 @@ What the decoder relies on (each held by a test in tests/test_codec.py):
    that says how to match it.
 4. One float64 function from the head's output to each stage's table, and constriction's
    deterministic quantisation of that table.
-The decoded tokens are checked against per-chunk CRCs, so anything else that computes
-differently is one line and no output, never wrong audio.
+Each group's decoded tokens are checked against its CRC as soon as the group ends, so anything
+else that computes differently is one line and no output, never wrong audio. What a file can
+make the decoder do is bounded by its size (Chunking.work, FREE_TOKENS, TOKENS_PER_BYTE).
 
 The container (little-endian): b"SASHIMI1", u32 header length, the header as JSON, u32 CRC-32
 of the header, then each group's range-coder words (uint32). The header is validated against a
@@ -505,6 +510,7 @@ def _show(bar) -> None:
 def encode_tokens(model: SaShiMi, tokens, chunks: Chunking, progress: bool = False, workers: Workers | None = None):
     """tokens (frames, C) -> (one uint32 array per group; the model's ideal cost in bits per
     channel of the model (C,), its layout's channel_names)."""
+    model.setup_step()
     return _encode_start(model, np.asarray(tokens, dtype=np.int32), chunks, workers)()
 
 
@@ -538,6 +544,7 @@ def decode_tokens(model: SaShiMi, streams: list[np.ndarray], chunks: Chunking, p
     """The tokens (frames, C) int32 from the groups' streams, in this process (measurements,
     tests); `crcs`: each group's token CRC, checked as the group ends."""
     C = model.cfg.channels
+    model.setup_step()
     tokens = np.empty((chunks.frames, C), dtype=np.int32)
     for g, (group, stream) in enumerate(zip(chunks.groups(), streams)):
         def put(row, first, block, group=group):
@@ -748,9 +755,9 @@ def read_container(path: Path) -> tuple[dict, list[np.ndarray]]:
             if zlib.crc32(blob) != crc:
                 raise CodecError(f"{path}: the header is damaged (CRC mismatch)")
             header = _validated_header(path, blob, size - len(head) - n - 4)
-            streams = []
+            streams, data, at = [], memoryview(fh.read(size - len(head) - n - 4)), 0
             for i, s in enumerate(header["streams"]):
-                payload = fh.read(s["bytes"])
+                payload, at = data[at:at + s["bytes"]], at + s["bytes"]
                 if len(payload) != s["bytes"] or zlib.crc32(payload) != s["crc32"]:
                     raise CodecError(f"{path}: stream {i + 1} of {len(header['streams'])} is damaged "
                                      f"({'truncated' if len(payload) != s['bytes'] else 'CRC mismatch'}); "

@@ -35,10 +35,10 @@ import torch
 
 from sashimi import checkpoint, cli
 from sashimi.cli import (UserError, atomic_output, check_at_most, check_fits, check_out_dir, command,
-                         resolve_device)
+                         refuse_existing, resolve_device)
 from sashimi.model import LN2, ModelConfig, SaShiMi
-from sashimi.prefill import prefill
 from sashimi.s4 import S4Layer
+from sashimi.session import Session
 
 SYNTHETIC_SEED = 7_000_003   # the evaluation clips of `--data synthetic` (training uses seeds 0..)
 
@@ -46,14 +46,6 @@ SYNTHETIC_SEED = 7_000_003   # the evaluation clips of `--data synthetic` (train
 # --------------------------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------------------------
-def load_for_eval(path, device: torch.device) -> SaShiMi:
-    """The checkpoint's model, on `device`, in eval mode; UserError (one line) if unusable."""
-    try:
-        return checkpoint.load_model(path, device)[0]
-    except checkpoint.CheckpointError as exc:
-        raise UserError(str(exc)) from None
-
-
 @dataclasses.dataclass
 class Excerpt:
     name: str
@@ -127,15 +119,13 @@ def score_continuous(model: SaShiMi, tokens: torch.Tensor, block: int = 128) -> 
     B, T, C = tokens.shape
     if any(m.step_factors() is None for m in model.modules() if isinstance(m, S4Layer)):
         model.setup_step()            # (evaluate() sets it up once; call again after weight changes)
-    layout = model.layout
-    zero = model.cfg.quantizer.zero_token
-    frames = torch.cat([torch.full((B, 1, C), zero, dtype=torch.long, device=tokens.device),
-                        tokens.long()], 1)
+    session = Session(model, B, tokens.device, setup=False)
+    frames = torch.cat([session.silence()[:, None], session.to_model(tokens.long())], 1)
     # the layout's positions; the outputs after the silent frame's last position on predict
     # the excerpt
-    k = layout.step_tokens
-    positions = layout.positions(layout.to_model(frames))
-    _, out = prefill(model, positions[:, :-1], block=block, return_all=True)
+    k = session.k
+    positions = session.positions(frames)
+    out = session.prefill(positions[:, :-1], return_all=True, block=block)
     seq = positions.view(B, -1, k)
     skip = C // k - 1
     nll = -model.log_prob_next(out[:, skip:], seq[:, skip + 1:]) / LN2
@@ -269,16 +259,16 @@ def format_table(summary: dict, names: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
+def write_csv(path: Path, rows: list[dict], overwrite: bool = True) -> None:
     import csv
-    with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
+    with atomic_output(path, overwrite) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, list(rows[0]))
         w.writeheader()
         for r in rows:
             w.writerow({k: (f"{v:.5f}" if isinstance(v, float) else v) for k, v in r.items()})
 
 
-def plot(path: Path, summary: dict, names: list[str], title: str) -> None:
+def plot(path: Path, summary: dict, names: list[str], title: str, overwrite: bool = True) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -298,7 +288,7 @@ def plot(path: Path, summary: dict, names: list[str], title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_output(path) as tmp:
+    with atomic_output(path, overwrite) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
 
@@ -322,6 +312,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--block", type=int, default=128, help="prefill block size")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --out")
     return p.parse_args(argv)
 
 
@@ -364,7 +355,7 @@ def check_finite_scores(excerpts: list, scores: dict) -> None:
 def run(args) -> int:
     check_args(args)
     device = resolve_device(args.device)
-    model = load_for_eval(args.checkpoint, device)
+    model = checkpoint.load_model(args.checkpoint, device)[0]
     cfg = model.cfg
     check_eval_fits(args, cfg, device)
     if args.data == "synthetic":
@@ -374,6 +365,9 @@ def run(args) -> int:
                                    args.excerpts_per_file, min_frames=2)
     out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "eval"
     check_out_dir(out)
+    outputs = ["summary.json"] + (["nll_by_position.csv", "nll_by_position.png"] if args.by_position else [])
+    for name in outputs:
+        refuse_existing(out / name, args.overwrite)
     t0 = time.perf_counter()
     scores = evaluate(model, excerpts, args.by_position, args.block, progress=not args.quiet)
     check_finite_scores(excerpts, scores)
@@ -391,15 +385,15 @@ def run(args) -> int:
             print(f"in-window (first {cfg.seq_len} frames) {summary['in_window_bits']:.3f}; last second: "
                   f"continuous {summary['last_second_bits']:.3f} vs fresh windows "
                   f"{summary['last_second_windows_bits']:.3f} (gap {summary['last_second_gap']:+.3f})")
-        write_csv(out / "nll_by_position.csv", summary["by_position_fine"])
+        write_csv(out / "nll_by_position.csv", summary["by_position_fine"], args.overwrite)
         try:
             plot(out / "nll_by_position.png", summary, names,
-                 f"{Path(args.checkpoint).name}: {args.data} ({summary['excerpts']} excerpts)")
+                 f"{Path(args.checkpoint).name}: {args.data} ({summary['excerpts']} excerpts)", args.overwrite)
             print(f"wrote {out / 'nll_by_position.csv'}, {out / 'nll_by_position.png'}")
         except ImportError:   # matplotlib comes with the [dev] extra (scripts/setup.sh installs it)
             print(f"wrote {out / 'nll_by_position.csv'}; no PNG: matplotlib is not installed "
                   f"(pip install matplotlib)", file=sys.stderr)
-    with atomic_output(out / "summary.json") as tmp, open(tmp, "w") as f:
+    with atomic_output(out / "summary.json", args.overwrite) as tmp, open(tmp, "w") as f:
         json.dump(summary, f, indent=1)
     print(f"wrote {out / 'summary.json'}")
     return 0

@@ -25,21 +25,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils._pytree import tree_leaves
 
 from kernels.profiling import nvtx_range
 from sashimi import checkpoint, cli
 from sashimi.cli import (UserError, atomic_output, check_at_most, check_fits, check_out_dir, command,
                          regular_file, resolve_device)
-from sashimi.checkpoint import CheckpointError
 from sashimi.model import SaShiMi
-from sashimi.prefill import prefill
 from sashimi.quantize import Quantizer
-
-
-def load_model(path, device) -> SaShiMi:
-    """Rebuild the model of a checkpoint; CheckpointError with one line if it can't."""
-    return checkpoint.load_model(path, device)[0]
+from sashimi.session import Session
 
 
 class GenerationStopped(Exception):
@@ -50,46 +43,25 @@ class GraphCaptureError(RuntimeError):
     """Capturing the generation step in a CUDA graph failed (rerun with --no-cuda-graphs)."""
 
 
-def _broadcast_state(one, full):
-    """Copy a batch-1 state into every row of a batch-B state of the same structure (pool
-    buffers are (B, ...), stacked tier states (n, B, ...): broadcasting handles both)."""
-    for src, dst in zip(tree_leaves(one), tree_leaves(full)):
-        if dst is not None:
-            dst.copy_(src.expand_as(dst))
-    return full
-
-
-def _map_state(fn, state):
-    """Apply fn to every tensor of a (nested dict / list) model state; None stays None."""
-    if state is None:
-        return None
-    if torch.is_tensor(state):
-        return fn(state)
-    if isinstance(state, dict):
-        return {k: _map_state(fn, v) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(_map_state(fn, v) for v in state)
-    raise TypeError(f"unexpected entry in the model state: {type(state).__name__}")
-
-
 class StepSampler:
     """One generation step on static buffers: the unit that is captured in a CUDA graph.
 
-    step(phase): out = model.step(cur, state, phase); (tokens, logp) = model.sample_next(out, ...)
-    (one token, or a frame's channels when a position is a frame); cur <- tokens; position `pos` of
-    `tokens` <- tokens, with `pos` a DEVICE tensor incremented in place; loglik += logp. Nothing is read back to the host and every buffer is allocated once, so the
-    same function runs eagerly (CPU, --no-cuda-graphs) and under CUDA graph capture.
-    `phase` = t mod prod(pool): what a step runs depends only on it (Backbone.phases), so
-    prod(pool) graphs (16 for pool (4, 4)) cover every step.
+    step(phase): out = session.step_at(cur, phase) (the model's step on the session's state);
+    (tokens, logp) = model.sample_next(out, ...) (one token, or a frame's channels when a
+    position is a frame); cur <- tokens; position `pos` of `tokens` <- tokens, with `pos` a
+    DEVICE tensor incremented in place; loglik += logp. Nothing is read back to the host and
+    every buffer is allocated once, so the same function runs eagerly (CPU, --no-cuda-graphs)
+    and under CUDA graph capture. `phase` = t mod prod(pool): what a step runs depends only on
+    it (Backbone.phases), so prod(pool) graphs (16 for pool (4, 4)) cover every step.
     """
 
-    def __init__(self, model: SaShiMi, state, tokens: torch.Tensor, loglik: torch.Tensor, pos: int,
+    def __init__(self, session: Session, tokens: torch.Tensor, loglik: torch.Tensor, pos: int,
                  temperature: float = 1.0, top_p: float = 1.0, generator: torch.Generator | None = None):
         device = tokens.device
-        self.model, self.state, self.tokens, self.loglik = model, state, tokens, loglik
+        self.session, self.model, self.tokens, self.loglik = session, session.model, tokens, loglik
         self.temperature, self.top_p, self.generator = temperature, top_p, generator
-        self.period = model.cfg.pool_factor
-        self.k = model.layout.step_tokens              # tokens per position
+        self.period = self.model.cfg.pool_factor
+        self.k = session.k                             # tokens per position
         B = tokens.shape[0]
         # the last position's tokens: (B,) one token, (B, k) a frame
         self.cur = torch.zeros((B, self.k) if self.k > 1 else (B,), dtype=torch.long, device=device)
@@ -105,15 +77,18 @@ class StepSampler:
 
     def step(self, phase: int) -> None:
         """Consume `cur` (position t, phase = t mod prod(pool)) and sample the next position."""
-        self.sample(self.model.step(self.cur, self.state, phase))
+        self.sample(self.session.step_at(self.cur, phase))
 
     def scratch(self, generator: torch.Generator | None, steps: int) -> "StepSampler":
-        """A copy on buffers of its own (state cloned, room for `steps` tokens): for warming up
-        before a capture without touching this sampler's buffers or generator."""
+        """A copy on buffers of its own (a session with the state cloned, room for `steps`
+        tokens): for warming up before a capture without touching this sampler's buffers or
+        generator."""
         B = self.tokens.shape[0]
         tokens = torch.zeros(B, (steps + 1) * self.k, dtype=torch.long, device=self.tokens.device)
-        other = StepSampler(self.model, _map_state(torch.clone, self.state), tokens,
-                            torch.zeros_like(self.loglik), 0, self.temperature, self.top_p, generator)
+        session = Session(self.model, B, self.session.device, setup=False)
+        session.state = self.session.clone_state()
+        other = StepSampler(session, tokens, torch.zeros_like(self.loglik), 0, self.temperature, self.top_p,
+                            generator)
         other.cur.copy_(self.cur)
         return other
 
@@ -175,18 +150,6 @@ def run_steps(sampler: StepSampler, t0: int, t1: int, graphs: dict | None = None
             on_progress(t + 1 - t0)
 
 
-def _consume_prompt(model: SaShiMi, start: torch.Tensor, use_prefill: bool):
-    """State and step output after the positions `start`: (B, T) interleaved tokens, or (B, T, C)
-    frames."""
-    if use_prefill:
-        with nvtx_range("sashimi/generate/prefill"):
-            return prefill(model, start)
-    state = model.default_state(start.shape[0])
-    for t in range(start.shape[1]):
-        out = model.step(start[:, t], state, t)
-    return state, out
-
-
 @torch.no_grad()
 def generate_audio(model: SaShiMi, frames: int, batch: int, quantizer: Quantizer,
                    temperature: float = 1.0, top_p: float = 1.0, prompt: torch.Tensor | None = None,
@@ -212,16 +175,15 @@ def generate_audio(model: SaShiMi, frames: int, batch: int, quantizer: Quantizer
     elif cuda_graphs and device.type != "cuda":
         raise ValueError(f"cuda_graphs=True needs a model on a CUDA device, got {device}")
     gen = torch.Generator(device=device).manual_seed(seed)
-    layout = model.layout
+    one = Session(model, 1, device)                  # the prompt's, then copied to every sample
     if prompt is not None:
-        prompt_tokens = layout.to_model(quantizer.encode(prompt.to(device))).reshape(-1)   # frame by frame
+        prompt_tokens = one.to_model(quantizer.encode(prompt.to(device))).reshape(-1)   # frame by frame
         start = prompt_tokens.expand(batch, -1)
         emit_prompt = True
     else:
-        silence = torch.full((1, C), quantizer.zero_token, dtype=torch.long, device=device)
-        start = layout.to_model(silence).expand(batch, C)
+        start = one.silence().expand(batch, C)
         emit_prompt = False
-    k = layout.step_tokens                           # tokens per position
+    k = one.k                                        # tokens per position
     n_prompt = start.shape[1]
     n_total = frames * C + (0 if emit_prompt else C)
     if n_prompt > n_total:
@@ -236,12 +198,15 @@ def generate_audio(model: SaShiMi, frames: int, batch: int, quantizer: Quantizer
     model.eval()
     try:
         if n_prompt < n_total:
-            model.setup_step()
             # the prompt is the same for every sample: consume it once, copy the state
-            positions = layout.positions(start[:1].view(1, -1, C))
-            state, out = _consume_prompt(model, positions, use_prefill)
-            state = _broadcast_state(state, model.default_state(batch))
-            sampler = StepSampler(model, state, tokens, loglik, n_prompt // k, temperature, top_p, gen)
+            positions = one.positions(start[:1].view(1, -1, C))
+            if use_prefill:
+                with nvtx_range("sashimi/generate/prefill"):
+                    out = one.prefill(positions)
+            else:
+                for t in range(positions.shape[1]):
+                    out = one.step(positions[:, t])
+            sampler = StepSampler(one.replicate(batch), tokens, loglik, n_prompt // k, temperature, top_p, gen)
             sampler.sample(out.expand(batch, *out.shape[1:]).contiguous())        # position n_prompt / k
             t0, t1 = n_prompt // k, n_total // k - 1
             graphs = None
@@ -261,7 +226,7 @@ def generate_audio(model: SaShiMi, frames: int, batch: int, quantizer: Quantizer
         model.train(was_training)
     if not emit_prompt:
         tokens = tokens[:, C:]
-    audio = quantizer.decode(layout.from_model(tokens.view(batch, -1, C))).float().cpu()
+    audio = quantizer.decode(one.from_model(tokens.view(batch, -1, C))).float().cpu()
     return audio, (loglik / math.log(2)).cpu()
 
 
@@ -297,13 +262,14 @@ def _generate_steps(sampler, t0, t1, graphs, batch, per_frame, rate, progress, s
     bar.close()
 
 
-def write_wav(path, audio: torch.Tensor, sample_rate: int) -> Path:
-    """16-bit PCM WAV of (frames, C) float audio."""
+def write_wav(path, audio: torch.Tensor, sample_rate: int, overwrite: bool = True) -> Path:
+    """16-bit PCM WAV of (frames, C) float audio; overwrite=False never replaces a file that
+    exists by the end (another run's): one line then."""
     import soundfile as sf
     path = Path(path)
     buffer = io.BytesIO()   # encoded in memory: a full disk is then an OSError, not libsndfile's "System error"
     sf.write(buffer, np.clip(audio.numpy(), -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
-    with atomic_output(path) as tmp:
+    with atomic_output(path, overwrite) as tmp:
         tmp.write_bytes(buffer.getvalue())
     return path
 
@@ -377,8 +343,7 @@ def check_args(args) -> None:
 
 def check_batch_fits(model: SaShiMi, batch: int, frames: int, device: torch.device) -> None:
     """Refuse a batch whose recurrent state and tokens cannot fit in the device's memory."""
-    per_sample = sum(t.numel() * t.element_size() for t in tree_leaves(model.default_state(1, device="meta"))
-                     if torch.is_tensor(t))
+    per_sample = Session(model, 0, "meta", setup=False).state_bytes_per_row()
     per_sample += frames * model.cfg.channels * 8 + 2 * 4 * model.cfg.levels  # tokens, head output
     check_fits({"recurrent state and tokens (--batch x --seconds)": batch * per_sample}, device,
                f"--batch {batch} of {frames} frames")
@@ -402,10 +367,7 @@ def run(args) -> int:
     check_args(args)
     device = resolve_device(args.device)
     out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "samples"
-    try:
-        model = load_model(args.checkpoint, device)
-    except CheckpointError as exc:
-        raise UserError(str(exc)) from None
+    model = checkpoint.load_model(args.checkpoint, device)[0]
     cfg = model.cfg
     prompt = None   # read before --out is created: a refused prompt leaves nothing
     if args.prompt:
@@ -434,7 +396,7 @@ def run(args) -> int:
     kept = choose(loglik, args.keep)
     paths = output_paths(out, [f"sample_seed{args.seed}_{i:03d}.wav" for i in kept], args.overwrite)
     for i, target in zip(kept, paths):
-        path = write_wav(target, audio[i], cfg.sample_rate)
+        path = write_wav(target, audio[i], cfg.sample_rate, args.overwrite)
         print(f"{path}  log-likelihood {loglik[i].item():.1f} bits "
               f"({-loglik[i].item() / max(1, n_gen):.3f} bits/sample NLL), "
               f"{audio.shape[1] / cfg.sample_rate:.2f} s, {cfg.channels} ch, {cfg.sample_rate} Hz")

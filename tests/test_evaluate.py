@@ -129,6 +129,17 @@ def test_command_on_synthetic_music(ckpt, tmp_path, capsys):
     assert rc == 0
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["excerpts"] == 2 and "by_position" not in s
+    # a second run into the same folder is refused (one line) unless --overwrite
+    before = (tmp_path / "summary.json").read_bytes()
+    capsys.readouterr()
+    rc = evaluate_main(["--checkpoint", str(ckpt), "--clips", "1", "--seconds", "0.1", "--out", str(tmp_path),
+                        "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--overwrite" in err and len(err.strip().splitlines()) == 1, err
+    assert (tmp_path / "summary.json").read_bytes() == before
+    assert evaluate_main(["--checkpoint", str(ckpt), "--clips", "1", "--seconds", "0.1", "--out", str(tmp_path),
+                          "--quiet", "--overwrite"]) == 0
+    assert json.loads((tmp_path / "summary.json").read_text())["excerpts"] == 1
 
 
 def test_errors_are_one_line(ckpt, tmp_path, capsys):

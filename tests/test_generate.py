@@ -2,12 +2,15 @@
 likelihood, and one-line errors."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
 
-from sashimi.generate import choose, generate_audio, load_model, main as generate_main
+from sashimi.checkpoint import load_model
+from sashimi.generate import choose, generate_audio, main as generate_main
 from sashimi.quantize import Quantizer
 from sashimi.train import main as train_main
 
@@ -56,7 +59,7 @@ def test_prompt_is_continued(stereo_ckpt, tmp_path):
     t = np.arange(int(0.02 * rate)) / rate
     prompt = 0.5 * np.sin(2 * np.pi * 440 * t)
     sf.write(str(tmp_path / "prompt.wav"), prompt, rate, subtype="PCM_16")
-    model = load_model(stereo_ckpt, "cpu")
+    model = load_model(stereo_ckpt, "cpu")[0]
     q = Quantizer(model.cfg.quantization, model.cfg.bits)
     from sashimi.data import read_audio
     with pytest.warns(UserWarning):
@@ -73,7 +76,7 @@ def test_prompt_is_continued(stereo_ckpt, tmp_path):
 
 
 def test_generation_is_seeded(stereo_ckpt):
-    model = load_model(stereo_ckpt, "cpu")
+    model = load_model(stereo_ckpt, "cpu")[0]
     q = Quantizer(model.cfg.quantization, model.cfg.bits)
     a, la = generate_audio(model, 30, 2, q, seed=5, progress=False)
     b, lb = generate_audio(model, 30, 2, q, seed=5, progress=False)
@@ -103,7 +106,8 @@ def test_errors_are_one_line(stereo_ckpt, tmp_path, capsys):
 # --------------------------------------------------------------------------------------------
 # the graph-style step (run eagerly here), prefill in generate_audio, the CUDA graphs (GPU)
 # --------------------------------------------------------------------------------------------
-from sashimi.generate import StepSampler, _broadcast_state, _map_state, run_steps  # noqa: E402
+from sashimi.generate import StepSampler, run_steps  # noqa: E402
+from sashimi.session import Session, broadcast_state as _broadcast_state, map_state as _map_state  # noqa: E402
 from sashimi.model import PRESETS, ModelConfig, SaShiMi  # noqa: E402
 from sashimi.prefill import prefill  # noqa: E402
 
@@ -150,7 +154,9 @@ def test_graph_style_step_equals_simple_loop(head, top_p):
 
         tokens = torch.zeros(B, n_total, dtype=torch.long)
         loglik = torch.zeros(B, dtype=torch.float64)
-        sampler = StepSampler(m, state, tokens, loglik, 21, 0.8, top_p, torch.Generator().manual_seed(3))
+        session = Session(m, B, setup=False)
+        session.state = state
+        sampler = StepSampler(session, tokens, loglik, 21, 0.8, top_p, torch.Generator().manual_seed(3))
         sampler.sample(out)
         run_steps(sampler, 21, n_total - 1)
     assert torch.equal(tokens[:, 21:], ref_toks[:, 21:])
@@ -294,3 +300,14 @@ def test_cuda_graphs_equal_eager_frames_gpu(head):
     eager, ll_e = generate_audio(m, 400, 4, q, temperature=0.9, seed=6, progress=False, cuda_graphs=False)
     graphs, ll_g = generate_audio(m, 400, 4, q, temperature=0.9, seed=6, progress=False, cuda_graphs=True)
     assert torch.equal(eager, graphs) and torch.allclose(ll_e, ll_g)
+
+
+def test_token_conversion_lives_in_the_session():
+    """No code converts between the file's channels and the model's tokens (the layout's
+    to_model / from_model) but sashimi.session (and the layouts that define it)."""
+    import re
+    root = Path(__file__).resolve().parents[1]
+    offenders = [str(p.relative_to(root)) for folder in ("sashimi", "bench") for p in (root / folder).rglob("*.py")
+                 if "layouts" not in p.parts and p.name != "session.py"
+                 and re.search(r"layout\.(to_model|from_model)\(", p.read_text())]
+    assert offenders == []

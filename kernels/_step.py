@@ -88,10 +88,11 @@ def _step_fwd_kernel(
 
     for i in range(ROWS):
         b = pid_b * ROWS + i
-        # the row's bound as a block (a broadcast comparison, not a scalar `b < B`): triton 3.9's
-        # interpreter refuses a block mask combined with a scalar condition
-        mask_hb = mask_h & (offs_h * 0 + b < B)
-        mask_hnb = mask_hn & mask_hb[:, None, None]
+        # the row's bound through tl.where, not `&`: triton 3.9's interpreter refuses a block
+        # mask combined with a scalar condition (`mask_h & row_ok`)
+        row_ok = b < B
+        mask_hb = tl.where(row_ok, mask_h, False)
+        mask_hnb = tl.where(row_ok, mask_hn, False)
         u = tl.load(u_ptr + b * stride_u_b + offs_h * stride_u_h, mask=mask_hb,
                     other=0.0).to(tl.float32)
         x_offs = (b * stride_state_b + h3 * stride_state_h + n3 * stride_state_n) * 2 + c3

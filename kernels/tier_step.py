@@ -201,10 +201,11 @@ def _tier_step_fwd_kernel(
             d = tl.load(D_ptr + ch, mask=mask_s, other=0.0).to(tl.float32)
             for i in tl.static_range(ROWS):
                 row = pid * ROWS + i
-                # the row's bound as a block, not a scalar (triton 3.9's interpreter refuses a
-                # block mask combined with a scalar condition)
-                mask_sr = mask_s & (offs_s * 0 + row < B)
-                mask_snr = mask_sn & mask_sr[:, None, None]
+                # the row's bound through tl.where, not `&`: triton 3.9's interpreter refuses a
+                # block mask combined with a scalar condition (`mask_s & ok`)
+                ok = row < B
+                mask_sr = tl.where(ok, mask_s, False)
+                mask_snr = tl.where(ok, mask_sn, False)
                 srow = scratch_ptr + row * SCR
                 u = tl.load(srow + offs_s, mask=mask_sr, other=0.0)
                 s_ptrs = state_ptr + (l64 * stride_s_l + row * stride_s_b

@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 os.environ.pop("TRITON_INTERPRET", None)  # every config, GPU code paths (before importing triton)
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,6 +54,7 @@ MAX_GRID = (2**31 - 1, 65535, 65535)
 BASELINE = os.path.join(_ROOT, "bench", "baselines", "sm90_static.json")
 TOLERANCE = 0.10             # more hot-loop instructions per unit of work than this fails
 H200_SMS, H200_CLOCK_HZ, ISSUE_PER_SM = 132, 1.98e9, 4   # 4 schedulers x 1 warp-instruction/clock
+PROGRESS_S = 30              # a progress line at least this often while compiling
 
 
 class _SM90:
@@ -215,6 +216,41 @@ _SPECS: list = []
 
 def _worker(i: int) -> tuple[int, dict]:
     return i, compile_variant(_VARIANTS[i], _SPECS[i])
+
+
+def _compile_all(variants, index, jobs: int, t0: float) -> dict[int, dict]:
+    """Every distinct compile, `jobs` processes at a time; a line as each op completes (and one at
+    least every PROGRESS_S seconds while compiles complete), so a long check is never silent."""
+    of_op: dict[str, set[int]] = {}
+    for v, i in zip(variants, index):
+        of_op.setdefault(v.op, set()).add(i)
+    left = {op: set(s) for op, s in of_op.items()}
+    results: dict[int, dict] = {}
+    last = time.time()
+
+    def done(i: int, res: dict) -> None:
+        nonlocal last
+        results[i] = res
+        for op in [op for op, s in left.items() if i in s]:
+            left[op].discard(i)
+            if not left[op]:
+                failed = sum(results[j]["status"] != "ok" for j in of_op[op])
+                print(f"  {op}: {len(of_op[op])} compiles done{f', {failed} failed' if failed else ''} "
+                      f"({len(results)}/{len(_VARIANTS)} in all, {time.time() - t0:.0f} s)", flush=True)
+                del left[op]
+                last = time.time()
+        if time.time() - last >= PROGRESS_S:
+            print(f"  ... {len(results)}/{len(_VARIANTS)} compiled ({time.time() - t0:.0f} s)", flush=True)
+            last = time.time()
+
+    if jobs > 1:
+        with ProcessPoolExecutor(max_workers=jobs) as ex:
+            for fut in as_completed([ex.submit(_worker, i) for i in range(len(_VARIANTS))]):
+                done(*fut.result())
+    else:
+        for i in range(len(_VARIANTS)):
+            done(*_worker(i))
+    return results
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,11 +425,7 @@ def _main(a, ops) -> int:
     print(f"{len(variants)} launch configurations of {len(ops)} ops -> {len(_VARIANTS)} distinct compiles "
           f"for sm_90 ({a.jobs} workers)", flush=True)
     t0 = time.time()
-    if a.jobs > 1:
-        with ProcessPoolExecutor(max_workers=a.jobs) as ex:
-            results = dict(ex.map(_worker, range(len(_VARIANTS))))
-    else:
-        results = dict(map(_worker, range(len(_VARIANTS))))
+    results = _compile_all(variants, index, a.jobs, t0)
     print(f"compiled in {time.time() - t0:.0f} s\n")
 
     # one row per (op, kernel, config, compiled variant), the cases folded (grid: the largest)

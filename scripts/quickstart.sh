@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+steps_from_env=${STEPS:+yes}   # a STEPS of one's own, like a flag, gets a run folder of its own
+
 # ================================ the recipe ================================================
 # What the quickstart trains and how it samples (QUALITY.md has what each was measured against):
 # the tiny preset (S4D, each tier's memory tied to its training window, so 2 s of generation
@@ -26,8 +28,8 @@ on a 2-core CPU) and writes a generated stereo WAV from the model it trained. An
 goes to the trainer (python -m sashimi.train --help lists them), e.g.
     bash scripts/quickstart.sh --data ~/music --steps 5000
 
-Run folders. With no trainer flags the run is runs/quickstart/; with flags, a folder named
-after them (runs/quickstart-<hash>/), so that each set of flags has its own run. --out RUN_DIR
+Run folders. With no trainer flags the run is runs/quickstart/; with flags (or STEPS), a
+folder named after them (runs/quickstart-<hash>/), so that each set of flags has its own run. --out RUN_DIR
 (or OUT=RUN_DIR in the environment) picks the folder yourself. A re-run with the same flags
 continues that run (an interrupted one resumes; a finished one is reused: "already trained
 to step N; generating"). A run folder trained with other flags is never reused: the script
@@ -66,7 +68,7 @@ fi
 train_args=("${TRAIN_RECIPE[@]}" ${user[@]+"${user[@]}"})
 identity=$(printf '%q ' "${train_args[@]}")
 if [ -z "$OUT" ]; then
-  if [ ${#user[@]} -eq 0 ]; then
+  if [ ${#user[@]} -eq 0 ] && [ -z "$steps_from_env" ]; then
     OUT=${RUNS:-runs}/quickstart
   else
     OUT=${RUNS:-runs}/quickstart-$(printf '%s' "$identity" | sha256sum | cut -c1-8)

@@ -27,16 +27,19 @@ else
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 fi
 
-children_cpu() {  # CPU seconds (user + sys) of every finished child process so far
-  times | tail -n 1 | awk '{ t = 0; for (i = 1; i <= 2; i++) { split($i, p, /[ms]/); t += p[1] * 60 + p[2] } printf "%.0f", t }'
+cpu_file=$(mktemp)
+cpu_now() {  # cpu_s = CPU seconds (user + sys) of the finished child processes so far (`times`, in this shell)
+  times > "$cpu_file"
+  cpu_s=$(awk 'END { t = 0; for (i = 1; i <= 2; i++) { split($i, p, /[ms]/); t += p[1] * 60 + p[2] } printf "%.0f", t }' "$cpu_file")
 }
 stage_no=0
 stage() {  # stage NAME EXPECTED: announce it; stage_done closes it with what it took here
-  stage_no=$((stage_no + 1)); stage_name=$1; stage_t0=$SECONDS; stage_cpu0=$(children_cpu)
+  stage_no=$((stage_no + 1)); stage_name=$1; stage_t0=$SECONDS; cpu_now; stage_cpu0=$cpu_s
   echo "== [$stage_no/$stages] $1 (about $2 on a quiet 2-core CPU)"
 }
 stage_done() {
-  echo "   $stage_name: $((SECONDS - stage_t0)) s wall, $(( $(children_cpu) - stage_cpu0 )) s CPU"
+  cpu_now
+  echo "   $((SECONDS - stage_t0)) s wall, $((cpu_s - stage_cpu0)) s CPU: $stage_name"
 }
 total_t0=$SECONDS
 
@@ -80,4 +83,5 @@ fi
 stage "benchmarks (skip without a GPU)" "10 s"
 run_pytest -q bench --benchmark-only -p no:cacheprovider
 stage_done
-echo "== all stages passed in $((SECONDS - total_t0)) s wall, $(children_cpu) s CPU, on $(nproc) cores"
+cpu_now
+echo "== all stages passed in $((SECONDS - total_t0)) s wall, $cpu_s s CPU, on $(nproc) cores (load average now: $(cut -d' ' -f1-3 /proc/loadavg))"

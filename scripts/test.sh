@@ -6,6 +6,8 @@
 #   3. everything else (model, data, training, generation) on the reference paths,
 #   4. the self-test, the sm_90 compile check of every kernel config (no GPU needed), and the
 #      benchmark suite (which skips cleanly without a GPU).
+# The expected times are the stages' single-process times on a quiet 2-core CPU, halved where two
+# processes share the work (README.md has what a whole run measured).
 # Without a GPU, pytest runs on every core (pytest-xdist, one process per core, whole files
 # per process: module fixtures are made once); JOBS=1 runs it in one process.
 set -euo pipefail
@@ -35,7 +37,7 @@ cpu_now() {  # cpu_s = CPU seconds (user + sys) of the finished child processes 
 stage_no=0
 stage() {  # stage NAME EXPECTED: announce it; stage_done closes it with what it took here
   stage_no=$((stage_no + 1)); stage_name=$1; stage_t0=$SECONDS; cpu_now; stage_cpu0=$cpu_s
-  echo "== [$stage_no/$stages] $1 (about $2 on a quiet 2-core CPU)"
+  echo "== [$stage_no/$stages] $1 ($2)"
 }
 stage_done() {
   cpu_now
@@ -45,31 +47,31 @@ total_t0=$SECONDS
 
 if "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   stages=3
-  stage "kernel and model tests on the GPU" "10 min on an H100"
+  stage "kernel and model tests on the GPU" "its time on a GPU is not measured yet"
   run_pytest -q tests "$@"
   stage_done
-  stage "self-test (Triton on the GPU)" "1 min"
+  stage "self-test (Triton on the GPU)" "its time on a GPU is not measured yet"
   "$PY" -m kernels.selftest
   stage_done
 else
   stages=6
-  stage "kernel tests: Triton code under the interpreter, on CPU ($JOBS processes)" "1 min"
+  stage "kernel tests: Triton code under the interpreter, on CPU ($JOBS processes)" "about 1 min on a quiet 2-core CPU"
   TRITON_INTERPRET=1 run_pytest -q "${parallel[@]}" -m interpreter --device=cpu tests "$@"
   stage_done
-  stage "the GPU session's one-call check, rehearsed on CPU: python -m bench.gpu_check --dry-run" "35 s"
+  stage "the GPU session's one-call check, rehearsed on CPU: python -m bench.gpu_check --dry-run" "about 35 s"
   gc_out=$(mktemp -d)
   if ! "$PY" -m bench.gpu_check --dry-run --out "$gc_out" 2>&1 | tee "$gc_out.log" | sed 's/^/   /'; then
     exit 1
   fi
   export GPU_CHECK_DRY_RUN_OUT=$gc_out   # tests/test_gpu_check.py checks this run's results
   stage_done
-  stage "model, data, training and generation tests (reference paths, CPU, $JOBS processes)" "2 min"
+  stage "model, data, training and generation tests (reference paths, CPU, $JOBS processes)" "about 2 min"
   run_pytest -q "${parallel[@]}" -m "not interpreter" --device=cpu tests "$@"
   stage_done
-  stage "self-test (Triton under the interpreter)" "15 s"
+  stage "self-test (Triton under the interpreter)" "about 15 s"
   TRITON_INTERPRET=1 "$PY" -m kernels.selftest
   stage_done
-  stage "every kernel and autotune config compiles for the H100 (sm_90, no GPU needed; a line per op)" "2 min"
+  stage "every kernel and autotune config compiles for the H100 (sm_90, no GPU needed; a line per op)" "about 2.5 min; seconds when the kernels have not changed since the last run"
   # + the static gate: no new spill, hot loops <= 10% longer than bench/baselines/sm90_static.json
   aot_log=$(mktemp)   # the whole table; shown here: its progress lines and verdict (all of it on a failure)
   if ! "$PY" scripts/aot_check.py --jobs "$JOBS" 2>&1 | tee "$aot_log" \
@@ -80,7 +82,7 @@ else
   tail -n 2 "$aot_log"
   stage_done
 fi
-stage "benchmarks (skip without a GPU)" "10 s"
+stage "benchmarks (skip without a GPU)" "about 10 s"
 run_pytest -q bench --benchmark-only -p no:cacheprovider
 stage_done
 cpu_now

@@ -88,16 +88,20 @@ def _step_fwd_kernel(
 
     for i in range(ROWS):
         b = pid_b * ROWS + i
+        # the row's bound through tl.where, not `&`: triton 3.9's interpreter refuses a block
+        # mask combined with a scalar condition (`mask_h & row_ok`)
         row_ok = b < B
-        u = tl.load(u_ptr + b * stride_u_b + offs_h * stride_u_h, mask=mask_h & row_ok,
+        mask_hb = tl.where(row_ok, mask_h, False)
+        mask_hnb = tl.where(row_ok, mask_hn, False)
+        u = tl.load(u_ptr + b * stride_u_b + offs_h * stride_u_h, mask=mask_hb,
                     other=0.0).to(tl.float32)
         x_offs = (b * stride_state_b + h3 * stride_state_h + n3 * stride_state_n) * 2 + c3
-        xr, xi = load_pairs(state_ptr, x_offs, mask_hn & row_ok)
+        xr, xi = load_pairs(state_ptr, x_offs, mask_hnb)
         nr, ni = step_tile(xr, xi, u[:, None], ar, ai, br, bi, P_ptr, Q_ptr, W_ptr, pqw_off,
                            stride_pqw_r * 2, mask_hn, R)
-        tl.store(state_ptr + x_offs, tl.join(nr, ni), mask=mask_hn & row_ok)
+        tl.store(state_ptr + x_offs, tl.join(nr, ni), mask=mask_hnb)
         y = 2.0 * tl.sum(cr * nr - ci * ni, axis=1) + d * u
-        tl.store(y_ptr + b * stride_y_b + offs_h * stride_y_h, y, mask=mask_h & row_ok)
+        tl.store(y_ptr + b * stride_y_b + offs_h * stride_y_h, y, mask=mask_hb)
 
 
 # ---------------------------------------------------------------------------------------------

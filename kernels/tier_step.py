@@ -201,17 +201,21 @@ def _tier_step_fwd_kernel(
             d = tl.load(D_ptr + ch, mask=mask_s, other=0.0).to(tl.float32)
             for i in tl.static_range(ROWS):
                 row = pid * ROWS + i
+                # the row's bound through tl.where, not `&`: triton 3.9's interpreter refuses a
+                # block mask combined with a scalar condition (`mask_s & ok`)
                 ok = row < B
+                mask_sr = tl.where(ok, mask_s, False)
+                mask_snr = tl.where(ok, mask_sn, False)
                 srow = scratch_ptr + row * SCR
-                u = tl.load(srow + offs_s, mask=mask_s & ok, other=0.0)
+                u = tl.load(srow + offs_s, mask=mask_sr, other=0.0)
                 s_ptrs = state_ptr + (l64 * stride_s_l + row * stride_s_b
                                       + offs_s[:, None, None] * stride_s_h + n3 * stride_s_n) * 2 + c3
-                xr, xi = tl.split(tl.load(s_ptrs, mask=mask_sn & ok, other=0.0))
+                xr, xi = tl.split(tl.load(s_ptrs, mask=mask_snr, other=0.0))
                 nr, ni = step_tile(xr, xi, u[:, None], ar, ai, br, bi, P_ptr, Q_ptr, W_ptr, pqw_off,
                                    H * N * 2, mask_sn, R)
-                tl.store(s_ptrs, tl.join(nr, ni), mask=mask_sn & ok)
+                tl.store(s_ptrs, tl.join(nr, ni), mask=mask_snr)
                 y = 2.0 * tl.sum(cr * nr - ci * ni, axis=1) + d * u
-                tl.store(srow + H + offs_s, gelu(y), mask=mask_s & ok)       # region [H, 2H)
+                tl.store(srow + H + offs_s, gelu(y), mask=mask_sr)           # region [H, 2H)
             h0 += BHS
         tl.debug_barrier()
 

@@ -9,12 +9,17 @@
    signature, constants and attributes instead of compiling) under a stand-in sm_90 driver, then
    compiled with `triton.compile`; ptxas -v reports registers, spills and stack, Triton the
    shared memory, and nvdisasm (both ship in the Triton wheel) the SASS of the hot loop.
-3. Fails (exit 1) on a compile error, shared memory > 232448 B, > 1024 threads, a global
+3. Each compile's figures are kept in .cache/aot_check/<hash of the kernels' sources, this
+   script and the Triton version>/ (git-ignored): a re-run compiles only what changed. Not
+   with --cache-dir (that fills Triton's own cache, so everything compiles) nor
+   --update-baseline.
+4. Fails (exit 1) on a compile error, shared memory > 232448 B, > 1024 threads, a global
    scratch need, a grid over the CUDA limits, or the static gate: a new spill, or a hot loop
    more than 10% longer per unit of work than bench/baselines/sm90_static.json.
 
     python scripts/aot_check.py [--jobs 2] [--only cauchy,tier_step] [--csv out.csv]
-        [--max-spill BYTES] [--cache-dir DIR] [--update-baseline --reason "..."]
+        [--max-spill BYTES] [--cache-dir DIR] [--results-cache DIR | --no-results-cache]
+        [--update-baseline --reason "..."]
         [--benchmarks-md BENCHMARKS.md] [-v]
 """
 from __future__ import annotations
@@ -23,6 +28,7 @@ import argparse
 import contextlib
 import csv
 import datetime
+import hashlib
 import io
 import json
 import os
@@ -33,7 +39,7 @@ import sys
 import tempfile
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 os.environ.pop("TRITON_INTERPRET", None)  # every config, GPU code paths (before importing triton)
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,6 +60,7 @@ MAX_GRID = (2**31 - 1, 65535, 65535)
 BASELINE = os.path.join(_ROOT, "bench", "baselines", "sm90_static.json")
 TOLERANCE = 0.10             # more hot-loop instructions per unit of work than this fails
 H200_SMS, H200_CLOCK_HZ, ISSUE_PER_SM = 132, 1.98e9, 4   # 4 schedulers x 1 warp-instruction/clock
+PROGRESS_S = 30              # a progress line at least this often while compiling
 
 
 class _SM90:
@@ -211,10 +218,72 @@ def compile_variant(v, spec: str | None = None) -> dict:
 
 _VARIANTS: list = []
 _SPECS: list = []
+_RESULTS_DIR = ""   # where a compile's result is kept by the hash of what determines it ("": nowhere)
+
+
+def sources_hash() -> str:
+    """What a compile's result depends on besides its specialisation: the kernels' sources (their
+    helpers and the hot-loop declarations included), this script, and the Triton version."""
+    h = hashlib.sha256(triton.__version__.encode())
+    kernels_dir = os.path.join(_ROOT, "kernels")
+    for path in sorted(os.path.join(kernels_dir, n) for n in os.listdir(kernels_dir) if n.endswith(".py")) + \
+            [os.path.abspath(__file__)]:
+        with open(path, "rb") as f:
+            h.update(os.path.basename(path).encode() + b"\0" + f.read())
+    return h.hexdigest()
 
 
 def _worker(i: int) -> tuple[int, dict]:
-    return i, compile_variant(_VARIANTS[i], _SPECS[i])
+    spec = _SPECS[i]
+    path = ""
+    if _RESULTS_DIR and spec is not None:
+        path = os.path.join(_RESULTS_DIR, hashlib.sha256(spec.encode()).hexdigest() + ".json")
+        with contextlib.suppress(OSError, ValueError):
+            with open(path) as f:
+                return i, json.load(f)
+    res = compile_variant(_VARIANTS[i], spec)
+    if path and res["status"] != "ERROR":   # errors are recompiled (and their trace shown) each time
+        with contextlib.suppress(OSError):
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(res, f)
+            os.replace(tmp, path)
+    return i, res
+
+
+def _compile_all(variants, index, jobs: int, t0: float) -> dict[int, dict]:
+    """Every distinct compile, `jobs` processes at a time; a line as each op completes (and one at
+    least every PROGRESS_S seconds while compiles complete), so a long check is never silent."""
+    of_op: dict[str, set[int]] = {}
+    for v, i in zip(variants, index):
+        of_op.setdefault(v.op, set()).add(i)
+    left = {op: set(s) for op, s in of_op.items()}
+    results: dict[int, dict] = {}
+    last = time.time()
+
+    def done(i: int, res: dict) -> None:
+        nonlocal last
+        results[i] = res
+        for op in [op for op, s in left.items() if i in s]:
+            left[op].discard(i)
+            if not left[op]:
+                failed = sum(results[j]["status"] != "ok" for j in of_op[op])
+                print(f"  {op}: {len(of_op[op])} compiles done{f', {failed} failed' if failed else ''} "
+                      f"({len(results)}/{len(_VARIANTS)} in all, {time.time() - t0:.0f} s)", flush=True)
+                del left[op]
+                last = time.time()
+        if time.time() - last >= PROGRESS_S:
+            print(f"  ... {len(results)}/{len(_VARIANTS)} compiled ({time.time() - t0:.0f} s)", flush=True)
+            last = time.time()
+
+    if jobs > 1:
+        with ProcessPoolExecutor(max_workers=jobs) as ex:
+            for fut in as_completed([ex.submit(_worker, i) for i in range(len(_VARIANTS))]):
+                done(*fut.result())
+    else:
+        for i in range(len(_VARIANTS)):
+            done(*_worker(i))
+    return results
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,6 +414,10 @@ def main(argv=None) -> int:
     ap.add_argument("--max-spill", type=int, default=-1,
                     help="fail a config that spills more than this many bytes (default: report only)")
     ap.add_argument("--cache-dir", default="", help="Triton cache dir to fill (default: a temporary one)")
+    ap.add_argument("--results-cache", default=os.path.join(_ROOT, ".cache", "aot_check"),
+                    help="keep each compile's result here, keyed by the hash of the kernels' sources, this "
+                         "script, the Triton version and the specialisation, and reuse it (default: %(default)s)")
+    ap.add_argument("--no-results-cache", action="store_true", help="compile everything, keep nothing")
     ap.add_argument("-v", "--verbose", action="store_true", help="print tracebacks and every note")
     ap.add_argument("--baseline", default=BASELINE, help="the static gate's baseline")
     ap.add_argument("--update-baseline", action="store_true",
@@ -366,7 +439,12 @@ def main(argv=None) -> int:
 
 
 def _main(a, ops) -> int:
+    global _RESULTS_DIR
     from kernels.ops import launch_configs
+    # compiled afresh: a new baseline, and a Triton cache to fill (--cache-dir: every kernel in it)
+    if not (a.no_results_cache or a.update_baseline or a.cache_dir):
+        _RESULTS_DIR = os.path.join(os.path.abspath(a.results_cache), sources_hash()[:16])
+        os.makedirs(_RESULTS_DIR, exist_ok=True)
     variants, errors = [], []
     for op in ops:
         try:
@@ -386,14 +464,14 @@ def _main(a, ops) -> int:
             _VARIANTS.append(v)
             _SPECS.append(None if key.startswith("unspecialisable:") else key)
         index.append(unique[key])
+    cached = sum(1 for spec in _SPECS if _RESULTS_DIR and spec is not None and os.path.exists(
+        os.path.join(_RESULTS_DIR, hashlib.sha256(spec.encode()).hexdigest() + ".json")))
     print(f"{len(variants)} launch configurations of {len(ops)} ops -> {len(_VARIANTS)} distinct compiles "
-          f"for sm_90 ({a.jobs} workers)", flush=True)
+          f"for sm_90 ({a.jobs} workers" + (f"; {cached} already compiled from these sources, "
+                                            f"{os.path.relpath(_RESULTS_DIR, _ROOT)}" if _RESULTS_DIR else "")
+          + ")", flush=True)
     t0 = time.time()
-    if a.jobs > 1:
-        with ProcessPoolExecutor(max_workers=a.jobs) as ex:
-            results = dict(ex.map(_worker, range(len(_VARIANTS))))
-    else:
-        results = dict(map(_worker, range(len(_VARIANTS))))
+    results = _compile_all(variants, index, a.jobs, t0)
     print(f"compiled in {time.time() - t0:.0f} s\n")
 
     # one row per (op, kernel, config, compiled variant), the cases folded (grid: the largest)

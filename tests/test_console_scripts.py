@@ -109,11 +109,6 @@ def test_compress_and_decompress(run_dir, wav, tmp_path):
 def test_convert(tmp_path):
     from test_convert import FIXTURES  # the public checkpoints that test_convert checks the mapping on
     out = tmp_path / "converted.pt"
-    if FIXTURES.exists():
-        ok(run("convert", "--from", "s4", FIXTURES / "standalone.pt", out, "--dt-transform", "exp"))
-        assert out.is_file()
-    else:
-        out.write_bytes(b"")  # the mistake below needs no public checkpoint
+    ok(run("convert", "--from", "s4", FIXTURES / "standalone.pt", out, "--dt-transform", "exp"))
+    assert out.is_file()
     one_line_mistake(run("convert", "--from", "s4", tmp_path / "public.pt", out, "--dt-transform", "exp"), "exists")
-    if not FIXTURES.exists():
-        pytest.skip(f"the success case needs the public checkpoints at {FIXTURES}")

@@ -5,7 +5,8 @@
 The device image (torch 2.11, triton 3.6, torchaudio 2.11, Python 3.12) lacks soundfile (with
 cffi, pycparser), soxr (the data pipeline's resampler), nvtx and constriction (the test stage
 imports it); hypothesis and pytest-benchmark (with py-cpuinfo2) travel pinned, since the
-derandomised hypothesis profile and the benchmark JSON depend on their versions. Versions come from constraints.txt. Carry the folder
+derandomised hypothesis profile and the benchmark JSON depend on their versions; pytest-xdist
+(with execnet) travels because the dev extra names it. Versions come from constraints.txt. Carry the folder
 with the device call; `python -m bench.gpu_check` installs it first (pip --target, no network).
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEVICE_PYTHON = "3.12"
 # distribution names as in constraints.txt
 WHEELS = ("soundfile", "cffi", "pycparser", "soxr", "nvtx", "constriction", "hypothesis", "sortedcontainers",
-          "pytest-benchmark", "py-cpuinfo2")
+          "pytest-benchmark", "py-cpuinfo2", "pytest-xdist", "execnet")
 # on the device image already (KINDS.md, 2026-11-17), in versions that do for this package
 DEVICE_HAS = ("torch", "torchaudio", "triton", "numpy", "tqdm", "pytest", "pluggy", "iniconfig",
               "packaging", "matplotlib", "typing-extensions", "filelock", "sympy", "networkx", "jinja2",

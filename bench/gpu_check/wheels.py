@@ -6,7 +6,8 @@ The device image (torch 2.11, triton 3.6, torchaudio 2.11, Python 3.12) lacks so
 cffi, pycparser), soxr (the data pipeline's resampler), nvtx and constriction (the test stage
 imports it); hypothesis and pytest-benchmark (with py-cpuinfo2) travel pinned, since the
 derandomised hypothesis profile and the benchmark JSON depend on their versions; pytest-xdist
-(with execnet) travels because the dev extra names it. Versions come from constraints.txt. Carry the folder
+(with execnet) travels because the dev extra names it; numba (with llvmlite) runs the codec's
+adaptive predictor. Versions come from constraints.txt. Carry the folder
 with the device call; `python -m bench.gpu_check` installs it first (pip --target, no network).
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEVICE_PYTHON = "3.12"
 # distribution names as in constraints.txt
 WHEELS = ("soundfile", "cffi", "pycparser", "soxr", "nvtx", "constriction", "hypothesis", "sortedcontainers",
-          "pytest-benchmark", "py-cpuinfo2", "pytest-xdist", "execnet")
+          "pytest-benchmark", "py-cpuinfo2", "pytest-xdist", "execnet", "numba", "llvmlite")
 # on the device image already (KINDS.md, 2026-11-17), in versions that do for this package
 DEVICE_HAS = ("torch", "torchaudio", "triton", "numpy", "tqdm", "pytest", "pluggy", "iniconfig",
               "packaging", "matplotlib", "typing-extensions", "filelock", "sympy", "networkx", "jinja2",
@@ -33,7 +34,7 @@ DEVICE_HAS = ("torch", "torchaudio", "triton", "numpy", "tqdm", "pytest", "plugg
 MODULES = {"torch": "torch", "torchaudio": "torchaudio", "triton": "triton", "numpy": "numpy",
            "soundfile": "soundfile", "soxr": "soxr", "nvtx": "nvtx", "constriction": "constriction", "tqdm": "tqdm",
            "hypothesis": "hypothesis", "pytest": "pytest", "pytest_benchmark": "pytest-benchmark",
-           "cpuinfo": "py-cpuinfo2", "matplotlib": "matplotlib"}
+           "cpuinfo": "py-cpuinfo2", "matplotlib": "matplotlib", "numba": "numba"}
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64")
 

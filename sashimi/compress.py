@@ -21,7 +21,8 @@ def parse_args(argv=None):
     p.add_argument("--chunk-seconds", type=float, default=None,
                    help="independent contexts of this length, coded in batches (shorter: a wider, faster "
                         "batch; longer: more context, smaller files); default: chosen from the file's length "
-                        "and --jobs (chunks of >= 1024 frames, batches of up to 2048 chunks)")
+                        "and --jobs (chunks of >= 1024 frames, >= 1 s for a model on the cascade predictor, which "
+                        "restarts with each chunk; batches of up to 2048 chunks)")
     p.add_argument("--device", default="cpu",
                    help="cpu (default) or cuda: decompress must use the same kind of device")
     p.add_argument("--report", help="write the per-file figures to this .json or .csv")

@@ -84,10 +84,12 @@ MAX_GROUP_CHUNKS = 4096             # the widest batch a file may ask for (the d
 FLUSH_FRAMES = 1024                 # the decoder hands on its tokens every this many frames
 # The decoder's work is bounded by the file (not by this machine's memory): a file may ask
 # for at most FREE_TOKENS + TOKENS_PER_BYTE x its stream bytes of work (Chunking.work); the
-# encoder pads the few files that code below that (near-silence: 0.5 bits/sample) with zeros.
+# encoder pads the few files that code below that with zeros (near-silence; or a file of one short
+# group, whose steps are charged as MIN_ROWS_CHARGED rows: 64 tokens a byte keeps 3,000 frames of
+# a cascade model's single chunk under 15 bits/sample).
 # FREE_TOKENS is a few seconds of decoding at worst (one-row groups), so a crafted file is
 # refused by its first group's CRC within seconds on any machine.
-TOKENS_PER_BYTE = 16
+TOKENS_PER_BYTE = 64
 FREE_TOKENS = 1 << 15
 MIN_ROWS_CHARGED = 128              # a step costs about this many rows' work however narrow
 
@@ -775,9 +777,8 @@ def cascade_only_bits(model, tokens: np.ndarray, chunks: Chunking) -> float:
     chunk as they are coded (`cascade.code_length_bits`): what the network adds to it is the
     difference from the coded size."""
     from sashimi.predictors.cascade import code_length_bits
-    layout = model.layout
-    levels = [layout.levels(j) for j in range(layout.step_tokens)]
-    pcm = layout.to_model(torch.from_numpy(tokens).long()).numpy() - np.array([lv // 2 for lv in levels])
+    pcm, levels = model.layout.predictor_pcm(torch.from_numpy(tokens).long())
+    pcm = pcm.numpy()
     full = chunks.frames // chunks.chunk_frames
     bits = 0.0
     if full:

@@ -449,9 +449,7 @@ class SaShiMi(nn.Module):
         cur = nxt = None
         if self.cfg.value_input:   # a value-input layout has one position per frame
             with nvtx_range("sashimi/model/predictor"):
-                positions = self.layout.to_model(tokens).reshape(tokens.shape[0], tokens.shape[1], -1)
-                state = self.layout.new_value_state(tokens.shape[0], tokens.device)
-                cur, nxt = (p[:, warmup:] for p in self.layout.advance(positions, state))
+                cur, nxt = self.layout.predict_frames(tokens, warmup)
         tokens = tokens[:, warmup:]
         h = self.backbone(self.encode(tokens, check_tokens, cur))
         with nvtx_range("sashimi/model/head"):

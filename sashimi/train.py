@@ -104,8 +104,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the sample values enter as numbers and the DML means are corrections to a "
                         "predictor's (default: on for --quantization linear, mono, frames or midside)")
     p.add_argument("--predictor", choices=tuple(PREDICTORS), default=None,
-                   help="with value input: cascade (adaptive least squares + NLMS, the codec's; default at "
-                        "16 bits) or fixed2 (2 x[t] - x[t-1]; default at 8 bits)")
+                   help="with value input: cascade (adaptive least squares + NLMS, the codec's; chosen at "
+                        "16 bits) or fixed2 (2 x[t] - x[t-1]; chosen at 8 bits)")
     p.add_argument("--sample-rate", type=int, default=None, help="model sample rate in Hz (default 16000)")
     p.add_argument("--seq-len", type=int, default=None, help="frames per training example (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=None, help="examples per step per process (default 8)")

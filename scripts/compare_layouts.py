@@ -126,7 +126,8 @@ def read_log(run: Path) -> list[dict]:
 # ----------------------------------------------------------------------------------- scoring
 def evaluate(a, run: Path) -> dict:
     cmd = [sys.executable, "-m", "sashimi.evaluate", "--checkpoint", str(run / "checkpoint.pt"),
-           "--seconds", str(a.eval_seconds), "--out", str(run / "eval"), "--quiet", "--device", "cpu"]
+           "--seconds", str(a.eval_seconds), "--out", str(run / "eval"), "--quiet", "--device", "cpu",
+           "--overwrite"]   # a rerun scores the run again
     cmd += (["--data", a.val_data, "--excerpts-per-file", str(a.excerpts_per_file)] if a.data
             else ["--data", "synthetic", "--clips", str(a.clips)])
     print("$ " + " ".join(cmd[1:]))

@@ -141,6 +141,19 @@ class Layout:
         state["anchor"].copy_(nxt[:, -1])
         return cur, nxt
 
+    def predict_frames(self, tokens: torch.Tensor, warmup: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training: the predictor (from a fresh state) through quantiser tokens (B, L, C) of a
+        layout with one position per frame; (cur, nxt) of `advance` for frames warmup..L-1."""
+        positions = self.to_model(tokens).reshape(tokens.shape[0], tokens.shape[1], -1)
+        cur, nxt = self.advance(positions, self.new_value_state(tokens.shape[0], tokens.device))
+        return cur[:, warmup:], nxt[:, warmup:]
+
+    def predictor_pcm(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """Quantiser tokens (..., C) -> the model's tokens centred on 0 (PCM integers for linear
+        audio) and each channel slot's levels: what the cascade sees."""
+        levels = [self.levels(j) for j in range(self.step_tokens)]
+        return self.to_model(tokens) - torch.tensor([lv // 2 for lv in levels]), levels
+
     def anchor(self, pred: torch.Tensor, j: int, first: torch.Tensor | None = None) -> torch.Tensor:
         """The predicted value of slot j (...,) from a prediction (..., 3 step_tokens) and, for
         j > 0, the grid value `first` (...,) of slot 0 of the same position."""

@@ -56,10 +56,10 @@ class ModelConfig:
     stereo_layout: str = "interleave"  # a name in sashimi.layouts.LAYOUTS (docs/layouts.md)
     embed_init: str = "ordinal"    # "ordinal" (amplitude-aware, see ordinal_embedding) or "normal"
     # the sample values enter as numbers (a linear projection beside the token table, which then
-    # starts at zero) and the DML means are small offsets from a fixed second-order prediction
-    # of the predicted channel (2 x_t - x_{t-1}, FLAC's "fixed order 2"): what makes a 16-bit
-    # linear model a predictor (a 65,536-row table alone is not). The layout adds both; every
-    # layout but stereo interleave takes it.
+    # starts at zero) and the DML means are small corrections to a predictor's value of the
+    # predicted channel (`predictor`): what makes a 16-bit linear model a predictor (a
+    # 65,536-row table alone is not). The layout adds both; every layout but stereo interleave
+    # takes it.
     value_input: bool = False
     # what the value-input heads' means are corrections to (a name in sashimi.predictors.PREDICTORS):
     # "fixed2" (the models before it), "cascade" (adaptive least squares + NLMS, the codec's)
